@@ -1,0 +1,377 @@
+"""DDPM and LatentDiffusion (Stable Diffusion) as Lightning modules, checkpoint-compatible with CompVis/Stability."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.ema import LitEma
+from ldm.util import CheckpointError, count_params, default, instantiate_from_config, load_state_dict
+
+BACKBONE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+TEXT_ENCODER_FAMILIES = {
+    "cond_stage_model.transformer.": "Stable Diffusion 1.x (CLIP ViT-L/14 text encoder)",
+    "cond_stage_model.model.": "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder)",
+}
+
+
+def disabled_train(self, mode: bool = True):
+    """Replacement for ``nn.Module.train`` on frozen parts: they stay in eval mode."""
+    return self
+
+
+def checkpoint_family(keys: Iterable[str]) -> str | None:
+    """Which Stable Diffusion family a state dict belongs to, judged by its text-encoder keys."""
+    keys = list(keys)
+    for prefix, family in TEXT_ENCODER_FAMILIES.items():
+        if any(k.startswith(prefix) for k in keys):
+            return family
+    return None
+
+
+def cross_attention_context_dim(state: dict[str, torch.Tensor]) -> int | None:
+    for k, v in state.items():
+        if k.endswith("attn2.to_k.weight"):
+            return int(v.shape[1])
+    return None
+
+
+def check_checkpoint_matches(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tensor],
+                             path: str) -> None:
+    """Raise one readable error when a checkpoint is of another model family or size than the config."""
+    model_family, ckpt_family = checkpoint_family(model_state), checkpoint_family(ckpt_state)
+    model_ctx, ckpt_ctx = cross_attention_context_dim(model_state), cross_attention_context_dim(ckpt_state)
+    mismatched = [k for k, v in ckpt_state.items() if k in model_state and model_state[k].shape != v.shape]
+    family_differs = model_family and ckpt_family and model_family != ckpt_family
+    if family_differs or (model_ctx and ckpt_ctx and model_ctx != ckpt_ctx) or mismatched:
+        hint = ("for SD 2.x weights use configs/stable-diffusion/v2-inference.yaml (or a *_sd_v2.yaml Perfusion "
+                "config); for SD 1.x weights use configs/stable-diffusion/v1-inference.yaml")
+        example = ""
+        if mismatched:
+            k = mismatched[0]
+            example = (f"; {len(mismatched)} tensors differ in shape, e.g. {k}: checkpoint "
+                       f"{tuple(ckpt_state[k].shape)} vs model {tuple(model_state[k].shape)}")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model config: checkpoint is "
+            f"{ckpt_family or 'of unknown family'} with cross-attention context {ckpt_ctx}, the config builds "
+            f"{model_family or 'a model of unknown family'} with context {model_ctx}{example}. Fix: {hint}."
+        )
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` (the checkpoint's ``model.diffusion_model.*`` names)."""
+
+    def __init__(self, diff_model_config, conditioning_key: str | None):
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid"):
+            raise ValueError(f"unsupported conditioning_key '{conditioning_key}'")
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat: Sequence[torch.Tensor] | None = None,
+                c_crossattn: Sequence[torch.Tensor] | None = None):
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key in ("concat", "hybrid"):
+            x = torch.cat([x, *c_concat], dim=1)
+        context = torch.cat(list(c_crossattn), dim=1) if key in ("crossattn", "hybrid") else None
+        return self.diffusion_model(x, t, context=context)
+
+
+class DDPM(pl.LightningModule):
+    """Gaussian diffusion with a noise schedule, eps or v parameterisation, optional EMA."""
+
+    def __init__(self, unet_config, timesteps: int = 1000, beta_schedule: str = "linear", loss_type: str = "l2",
+                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), load_only_unet: bool = False,
+                 monitor: str | None = None, use_ema: bool = True, first_stage_key: str = "image",
+                 image_size: int = 256, channels: int = 3, log_every_t: int = 100, clip_denoised: bool = True,
+                 linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3, given_betas=None,
+                 original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
+                 conditioning_key: str | None = None, parameterization: str = "eps", scheduler_config=None,
+                 use_positional_encodings: bool = False, learn_logvar: bool = False, logvar_init: float = 0.0,
+                 **ignored: Any):
+        super().__init__()
+        if parameterization not in ("eps", "x0", "v"):
+            raise ValueError(f"parameterization must be eps, x0 or v, not '{parameterization}'")
+        self.parameterization = parameterization
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.log_every_t = log_every_t
+        self.clip_denoised = clip_denoised
+        self.original_elbo_weight = original_elbo_weight
+        self.v_posterior = v_posterior
+        self.l_simple_weight = l_simple_weight
+        self.loss_type = loss_type
+        self.monitor = monitor
+        self.scheduler_config = scheduler_config
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model)
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        self.logvar = nn.Parameter(logvar) if learn_logvar else logvar
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    # ----- schedule -------------------------------------------------------------------------------------------
+    def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000, linear_start=1e-4,
+                          linear_end=2e-2, cosine_s=8e-3):
+        betas = (np.asarray(given_betas, dtype=np.float64) if given_betas is not None else
+                 make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.num_timesteps = len(betas)
+        self.linear_start, self.linear_end = linear_start, linear_end
+
+        def buffer(name, values):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32))
+
+        buffer("betas", betas)
+        buffer("alphas_cumprod", alphas_cumprod)
+        buffer("alphas_cumprod_prev", alphas_cumprod_prev)
+        buffer("sqrt_alphas_cumprod", np.sqrt(alphas_cumprod))
+        buffer("sqrt_one_minus_alphas_cumprod", np.sqrt(1.0 - alphas_cumprod))
+        buffer("log_one_minus_alphas_cumprod", np.log(1.0 - alphas_cumprod))
+        buffer("sqrt_recip_alphas_cumprod", np.sqrt(1.0 / alphas_cumprod))
+        buffer("sqrt_recipm1_alphas_cumprod", np.sqrt(1.0 / alphas_cumprod - 1))
+        posterior_variance = ((1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+                              + self.v_posterior * betas)
+        buffer("posterior_variance", posterior_variance)
+        buffer("posterior_log_variance_clipped", np.log(np.maximum(posterior_variance, 1e-20)))
+        buffer("posterior_mean_coef1", betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod))
+        buffer("posterior_mean_coef2", (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod))
+        with np.errstate(divide="ignore"):  # posterior_variance[0] is 0; that entry is replaced below
+            lvlb = self._lvlb_weights(betas, alphas_cumprod, posterior_variance)
+        lvlb[0] = lvlb[1]
+        buffer("lvlb_weights", lvlb)
+
+    def _lvlb_weights(self, betas, alphas_cumprod, posterior_variance):
+        if self.parameterization == "eps":
+            return betas**2 / (2 * posterior_variance * (1.0 - betas) * (1.0 - alphas_cumprod))
+        elif self.parameterization == "x0":
+            return 0.5 * np.sqrt(alphas_cumprod) / (2.0 * (1.0 - alphas_cumprod))
+        return np.ones_like(betas)
+
+    # ----- forward process and parameterisations ------------------------------------------------------------------
+    def q_sample(self, x_start, t, noise=None):
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def get_v(self, x, noise, t):
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x.shape) * noise
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * x)
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+
+    def diffusion_target(self, x_start, noise, t):
+        """What the network is trained to predict at (x_start, noise, t)."""
+        if self.parameterization == "eps":
+            return noise
+        if self.parameterization == "v":
+            return self.get_v(x_start, noise, t)
+        return x_start
+
+    def get_loss(self, pred, target, mean: bool = True):
+        if self.loss_type == "l1":
+            loss = (target - pred).abs()
+        elif self.loss_type == "l2":
+            loss = F.mse_loss(target, pred, reduction="none")
+        else:
+            raise ValueError(f"unknown loss type '{self.loss_type}'")
+        return loss.mean() if mean else loss
+
+    # ----- checkpoints and EMA -----------------------------------------------------------------------------------
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False):
+        """Load an original-layout checkpoint (``.ckpt``/``.safetensors``) without executing pickled code."""
+        state = load_state_dict(path)
+        state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore_keys)}
+        target = self.model if only_model else self
+        if only_model:
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        own = target.state_dict()
+        check_checkpoint_matches(own, state, path)
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        prefixes = ("diffusion_model.",) if only_model else BACKBONE_PREFIXES
+        missing_backbone = [k for k in missing if k.startswith(prefixes)]
+        if missing_backbone:
+            raise CheckpointError(
+                f"checkpoint {path} lacks {len(missing_backbone)} backbone weights, e.g. {missing_backbone[:3]}; "
+                "is it a full Stable Diffusion checkpoint (UNet, VAE and text encoder)?")
+        return missing, unexpected
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None):
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+
+    def on_train_batch_end(self, *args, **kwargs):
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    # ----- training ---------------------------------------------------------------------------------------------
+    def apply_model(self, x_noisy, t, cond=None):
+        return self.model(x_noisy, t)
+
+    def p_losses(self, x_start, cond, t, noise=None):
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        x_noisy = self.q_sample(x_start, t, noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        target = self.diffusion_target(x_start, noise, t)
+        loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=[1, 2, 3])
+        logvar_t = self.logvar.to(self.device)[t]
+        loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
+        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+        loss = loss + self.original_elbo_weight * loss_vlb
+        prefix = "train" if self.training else "val"
+        return loss, {f"{prefix}/loss_simple": loss_simple.mean(), f"{prefix}/loss_vlb": loss_vlb,
+                      f"{prefix}/loss": loss}
+
+    def get_input(self, batch, key):
+        x = batch[key]
+        if x.dim() == 3:
+            x = x[..., None]
+        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # b h w c -> b c h w
+            x = x.permute(0, 3, 1, 2)
+        return x.to(memory_format=torch.contiguous_format).float()
+
+    def shared_step(self, batch):
+        x = self.get_input(batch, self.first_stage_key)
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        return self.p_losses(x, None, t)
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.shared_step(batch)
+        self.log_dict(logs, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        lr = getattr(self, "learning_rate", 1e-4)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return torch.optim.AdamW(params, lr=lr)
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the latent space of a frozen autoencoder, conditioned on a frozen text encoder."""
+
+    def __init__(self, first_stage_config, cond_stage_config, num_timesteps_cond=None, cond_stage_key="image",
+                 cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward=None,
+                 conditioning_key: str | None = None, scale_factor: float = 1.0, scale_by_std: bool = False,
+                 force_null_conditioning: bool = False, *args, **kwargs):
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if not cond_stage_trainable:
+            self._frozen(self.cond_stage_model)
+        self.restarted_from_ckpt = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+
+    @staticmethod
+    def _frozen(module: nn.Module) -> nn.Module:
+        module.eval()
+        module.train = disabled_train.__get__(module)
+        for p in module.parameters():
+            p.requires_grad = False
+        return module
+
+    # ----- first and conditioning stages -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior, generator=None):
+        if hasattr(encoder_posterior, "sample"):
+            z = encoder_posterior.sample(generator)
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"unexpected first-stage output {type(encoder_posterior).__name__}")
+        return self.scale_factor * z
+
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_learned_conditioning(self, c):
+        """Encode a list of prompts (or other conditioning) with the text encoder."""
+        if hasattr(self.cond_stage_model, "encode"):
+            return self.cond_stage_model.encode(c)
+        return self.cond_stage_model(c)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:
+            x = self.get_input(batch, self.first_stage_key).to(self.device)
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+            self.scale_factor.copy_(1.0 / z.flatten().std())
+
+    # ----- denoiser ---------------------------------------------------------------------------------------------
+    def apply_model(self, x_noisy, t, cond, return_ids: bool = False):
+        if isinstance(cond, dict):
+            c_concat, c_crossattn = cond.get("c_concat"), cond.get("c_crossattn")
+        else:
+            cond = cond if isinstance(cond, (list, tuple)) else [cond]
+            if self.model.conditioning_key == "concat":
+                c_concat, c_crossattn = cond, None
+            else:
+                c_concat, c_crossattn = None, cond
+        return self.model(x_noisy, t, c_concat=c_concat, c_crossattn=c_crossattn)
+
+    def shared_step(self, batch):
+        x = self.get_input(batch, self.first_stage_key).to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = self.get_learned_conditioning(batch[self.cond_stage_key])
+        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device).long()
+        return self.p_losses(z, c, t)
+
+    def configure_optimizers(self):
+        lr = getattr(self, "learning_rate", 1e-4)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cond_stage_trainable:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return torch.optim.AdamW(params, lr=lr)
+
+    def model_summary(self) -> dict[str, int]:
+        return {"unet": count_params(self.model.diffusion_model), "vae": count_params(self.first_stage_model),
+                "text_encoder": count_params(self.cond_stage_model)}

@@ -1,0 +1,133 @@
+"""The SD backbone: real-size parameter counts, checkpoint round trips, bad checkpoints, samplers."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pickle
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.testing import build_tiny_model, tiny_config, write_tiny_checkpoint
+from ldm.util import CheckpointError, count_params, instantiate_from_config, load_model_from_config, load_state_dict
+
+PUBLISHED_UNET = {"v1": 859_520_964, "v2": 865_910_724}
+PUBLISHED_VAE = 83_653_863
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_real_size_parameter_counts_on_meta_device(version):
+    cfg = OmegaConf.load(f"configs/stable-diffusion/{version}-inference.yaml").model.params
+    with torch.device("meta"):
+        unet = instantiate_from_config(cfg.unet_config)
+        vae = instantiate_from_config(cfg.first_stage_config)
+    assert count_params(unet) == PUBLISHED_UNET[version]
+    assert count_params(vae) == PUBLISHED_VAE
+
+
+def _outputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    img = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        c = model.get_learned_conditioning(["a photo of a teddy", ""])
+        return {
+            "text": c,
+            "eps": model.apply_model(x, torch.tensor([3, 700]), c),
+            "decoded": model.decode_first_stage(x),
+            "latent_mean": model.encode_first_stage(img).mean,
+        }
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_checkpoint_round_trip_has_no_missing_keys_and_same_outputs(tmp_path, family, suffix):
+    path = tmp_path / f"tiny{suffix}"
+    original = write_tiny_checkpoint(path, family, seed=3)
+    state = load_state_dict(path)
+    assert any(k.startswith("model.diffusion_model.") for k in state)
+    assert any(k.startswith("first_stage_model.") for k in state)
+    text_prefix = "cond_stage_model.transformer.text_model." if family == "sd1" else "cond_stage_model.model."
+    assert any(k.startswith(text_prefix) for k in state)
+
+    fresh = instantiate_from_config(tiny_config(family).model)  # different random init
+    missing, unexpected = fresh.init_from_ckpt(str(path))
+    assert missing == [] and unexpected == []
+
+    loaded = load_model_from_config(tiny_config(family), path)
+    expected, got = _outputs(original), _outputs(loaded)
+    for key in expected:
+        assert expected[key].abs().max() > 1e-3, f"{key} output is trivially zero"
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_checkpoint_of_other_family_gives_one_clear_error(tmp_path):
+    path = tmp_path / "sd2.safetensors"
+    write_tiny_checkpoint(path, "sd2")
+    with pytest.raises(CheckpointError) as info:
+        load_model_from_config(tiny_config("sd1"), path)
+    message = str(info.value)
+    assert "Stable Diffusion 2.x" in message and "Stable Diffusion 1.x" in message
+    assert "v2-inference.yaml" in message
+    assert len(message) < 1200 and message.count("\n") < 3  # one message, not a page of key lists
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/should_not_exist",))
+
+
+def test_pickle_needing_code_execution_is_refused_not_run(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"x": _Evil()}}, f)
+    marker = "/tmp/should_not_exist"
+    if os.path.exists(marker):
+        os.remove(marker)
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_state_dict(path)
+    assert not os.path.exists(marker)
+
+
+def test_missing_checkpoint_names_the_file_and_where_weights_go(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothere\.ckpt.*\n.*ckpt/"):
+        load_state_dict(tmp_path / "nothere.ckpt")
+
+
+def test_ddim_timesteps_match_leading_spacing_with_offset_one():
+    assert list(make_ddim_timesteps(10, 1000)) == list(range(1, 1000, 100))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_samplers_are_deterministic_finite_and_guided_in_one_call(family):
+    model = build_tiny_model(family)
+    calls = []
+    original_apply = model.apply_model
+
+    def counting_apply(x, t, c):
+        calls.append(x.shape[0])
+        return original_apply(x, t, c)
+
+    model.apply_model = counting_apply
+    with torch.no_grad():
+        c = model.get_learned_conditioning(["a teddy"] * 2)
+        uc = model.get_learned_conditioning([""] * 2)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(S=5, batch_size=2, shape=(4, 8, 8), conditioning=c, unconditional_conditioning=uc,
+                  unconditional_guidance_scale=5.0, x_T=x_T, verbose=False)
+    a, _ = DDIMSampler(model).sample(eta=0.0, **kwargs)
+    b, _ = DDIMSampler(model).sample(eta=0.0, **kwargs)
+    assert calls == [4] * 10  # cond and uncond batched together, one call per step
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.isfinite(a).all() and a.shape == (2, 4, 8, 8)
+    noisy, _ = DDIMSampler(model).sample(eta=1.0, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert (noisy - a).abs().max() > 1e-3  # eta > 0 injects noise
+    calls.clear()
+    p, _ = PLMSSampler(model).sample(**kwargs)
+    assert calls == [4] * 6  # the first PLMS step is a two-evaluation Heun step
+    assert torch.isfinite(p).all() and (p - a).abs().max() < 10 * a.abs().max()
+    with pytest.raises(ValueError, match="eta"):
+        PLMSSampler(model).sample(eta=0.5, **kwargs)
