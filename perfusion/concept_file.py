@@ -1,0 +1,220 @@
+"""Concept files: one trained Perfusion concept as a small, self-contained ``.safetensors`` file.
+
+Contents (method file, "Size" and "Inference needs no C^-1 file"):
+    value_outputs               o*_V of every edited value projection, one (out_features,) vector per
+                                layer, concatenated in layer order; the header entry "value_layers"
+                                lists [layer name, out_features] pairs.  (One tensor instead of one per
+                                layer keeps the header small: an SD 1.5 concept is 63.9 kB, not 65.7 kB.)
+    embedding                   the learned word embedding, (D_embed,)
+    target_input                i*, (D,)
+    c_inv_target_input          a = C^-1 i*, (D,)
+    superclass_input            i_super, (D,): locked keys are rebuilt as o*_K = W_K i_super
+plus metadata, each value JSON-encoded in the safetensors header so types round-trip.
+Reading never executes pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "REQUIRED_METADATA",
+    "Concept",
+    "save_concept",
+    "load_concept",
+    "concept_size_bytes",
+    "check_concepts_compatible",
+]
+
+FORMAT_NAME = "perfusion-concept"
+FORMAT_VERSION = 1
+VALUE_KEY = "value_outputs"
+VECTOR_KEYS = ("embedding", "target_input", "c_inv_target_input", "superclass_input")
+# Without these a concept cannot be matched to its base model / text encoder / C^-1 at inference.
+REQUIRED_METADATA = ("base_model", "text_encoder", "placeholder", "superclass", "c_inv_hash")
+# Written by save_concept itself (the header's "format"/"format_version" entries).
+_RESERVED_METADATA = ("format", "format_version", "value_layers")
+
+
+@dataclass
+class Concept:
+    """A loaded concept.  value_outputs keeps the file's layer order (as saved)."""
+
+    value_outputs: "OrderedDict[str, torch.Tensor]"
+    embedding: torch.Tensor
+    target_input: torch.Tensor
+    c_inv_target_input: torch.Tensor
+    superclass_input: torch.Tensor
+    metadata: Dict[str, object] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+def _as_vector(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 1:
+        hint = (" (o*_V is ONE vector per layer; a (77, out) matrix is the per-position defect of a "
+                "reference implementation)" if name.startswith("value output") else "")
+        raise ValueError(f"{name} must be a 1-D vector, got shape {tuple(tensor.shape)}{hint}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    return tensor
+
+
+def save_concept(path, *, value_outputs: Mapping[str, torch.Tensor], embedding: torch.Tensor,
+                 target_input: torch.Tensor, c_inv_target_input: torch.Tensor,
+                 superclass_input: torch.Tensor, metadata: Mapping[str, object],
+                 dtype: torch.dtype = torch.float32) -> str:
+    """Write a concept file atomically (temp file in the same folder, then os.replace).
+
+    value_outputs: {layer name: (out_features,)}, in layer order.  metadata: JSON-serialisable values,
+    must contain REQUIRED_METADATA (suggested: beta, tau, training_steps).  Returns the path.
+    """
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"concept file {path!r}: use the .safetensors extension")
+    if not value_outputs:
+        raise ValueError("save_concept: value_outputs is empty; pass o*_V of every edited value layer")
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise ValueError(f"save_concept: metadata lacks {missing} (required: {list(REQUIRED_METADATA)})")
+    reserved = [k for k in _RESERVED_METADATA if k in metadata]
+    if reserved:
+        raise ValueError(f"save_concept: metadata keys {reserved} are written by save_concept itself")
+
+    tensors: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    layers = [[str(name), _as_vector(f"value output of {name}", value).shape[0]]
+              for name, value in value_outputs.items()]
+    tensors[VALUE_KEY] = torch.cat([value.detach().reshape(-1).to(device="cpu", dtype=dtype)
+                                    for value in value_outputs.values()])
+    vectors = dict(embedding=embedding, target_input=target_input,
+                   c_inv_target_input=c_inv_target_input, superclass_input=superclass_input)
+    for key in VECTOR_KEYS:
+        tensors[key] = _as_vector(key, vectors[key])
+    dims = {key: tensors[key].shape[0] for key in VECTOR_KEYS[1:]}
+    if len(set(dims.values())) != 1:
+        raise ValueError(f"save_concept: target_input, c_inv_target_input and superclass_input must have "
+                         f"the same dimension, got {dims}")
+    tensors = OrderedDict((k, v.detach().to(device="cpu", dtype=dtype).contiguous()) for k, v in tensors.items())
+
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+              "value_layers": json.dumps(layers, separators=(",", ":"))}
+    try:
+        header.update({str(k): json.dumps(v) for k, v in metadata.items()})
+    except TypeError as error:
+        raise ValueError(f"save_concept: metadata values must be JSON-serialisable: {error}") from None
+    payload = safetensors_save(dict(tensors), metadata=header)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+    return path
+
+
+def _describe_non_safetensors(path: str) -> str:
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+        return (f"{path} is a pickled PyTorch checkpoint (.ckpt/.pt), e.g. the reference implementation's "
+                f"old concept format; it cannot be read without executing pickle, which this project refuses "
+                f"for untrusted files. Use a .safetensors concept file written by this project.")
+    return f"{path} is not a safetensors file (unrecognised header {magic!r})"
+
+
+def load_concept(path, device="cpu") -> Concept:
+    """Read a concept file written by save_concept; tensors keep their stored dtype."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"concept file not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{_describe_non_safetensors(path)} ({error})") from None
+    if header.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is a safetensors file but not a Perfusion concept (header 'format' is "
+                         f"{header.get('format')!r}, expected {FORMAT_NAME!r})")
+    version = int(header.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} has concept format version {version}; this code reads up to "
+                         f"{FORMAT_VERSION}. Update the project.")
+
+    missing = [k for k in (VALUE_KEY,) + VECTOR_KEYS if k not in tensors]
+    if "value_layers" not in header:
+        missing.append("header entry 'value_layers'")
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; the file is incomplete or not a concept file")
+    try:
+        layers = [(str(name), int(width)) for name, width in json.loads(header["value_layers"])]
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: header entry 'value_layers' is malformed ({error}); the file is corrupt") from None
+    flat = _as_vector(VALUE_KEY, tensors[VALUE_KEY])
+    widths = [width for _, width in layers]
+    if sum(widths) != flat.shape[0]:
+        raise ValueError(f"{path}: 'value_layers' lists widths summing to {sum(widths)} but the "
+                         f"value_outputs tensor has {flat.shape[0]} values; the file is corrupt")
+    value_outputs = OrderedDict((name, part) for (name, _), part in zip(layers, flat.split(widths)))
+    vectors = {key: _as_vector(key, tensors[key]) for key in VECTOR_KEYS}
+    dims = {key: vectors[key].shape[0] for key in VECTOR_KEYS[1:]}
+    if len(set(dims.values())) != 1:
+        raise ValueError(f"{path}: target_input, c_inv_target_input and superclass_input have different "
+                         f"dimensions {dims}; the file is corrupt")
+
+    metadata = {}
+    for key, text in header.items():
+        if key in _RESERVED_METADATA:
+            continue
+        try:
+            metadata[key] = json.loads(text)
+        except json.JSONDecodeError:
+            metadata[key] = text          # a plain string written by another tool
+    return Concept(value_outputs=value_outputs, metadata=metadata, format_version=version, **vectors)
+
+
+def concept_size_bytes(value_widths: Iterable[int], dim: int, bytes_per_float: int = 4) -> int:
+    """Tensor payload of one concept: sum(value widths) + 4 vectors of ``dim`` (header not counted).
+
+    Assumes the embedding has the text-encoder dimension ``dim`` (true for SD 1.x and 2.x).
+    """
+    return (sum(value_widths) + len(VECTOR_KEYS) * dim) * bytes_per_float
+
+
+def check_concepts_compatible(concepts: List[Concept], names: List[str] = None) -> None:
+    """Concepts combined at inference must share base model, text encoder, C^-1 and layer set."""
+    if not concepts:
+        return
+    names = names or [f"concept {i + 1}" for i in range(len(concepts))]
+    first = concepts[0]
+    for name, concept in zip(names[1:], concepts[1:]):
+        for key in ("base_model", "text_encoder", "c_inv_hash"):
+            if concept.metadata.get(key) != first.metadata.get(key):
+                raise ValueError(f"{name} has {key}={concept.metadata.get(key)!r} but {names[0]} has "
+                                 f"{first.metadata.get(key)!r}; multi-concept inference needs concepts "
+                                 f"trained on the same base model with the same C^-1")
+        if list(concept.value_outputs) != list(first.value_outputs):
+            raise ValueError(f"{name} edits different value layers than {names[0]}")
+        if concept.target_input.shape != first.target_input.shape:
+            raise ValueError(f"{name} has text dimension {concept.target_input.shape[0]}, "
+                             f"{names[0]} has {first.target_input.shape[0]}")

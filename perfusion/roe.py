@@ -1,0 +1,396 @@
+"""Gated rank-one editing (ROE) of cross-attention key/value projections.
+
+Every equation of the method (/work/shared/perfusion-method.md, "Gated rank-one edit",
+"Multiple concepts", "Inference needs no C^-1 file") lives in exactly one function here:
+
+    similarity(e, a)              sim_k(e) = e^T C^-1 i*_k = e . a_k
+    energy(I, A)                  energy_k = i*_k^T C^-1 i*_k = i*_k . a_k
+    concept_gate(sim, en, b, t)   gate_k = sigmoid((sim_k / energy_k - beta_k) / tau_k)
+    project_onto_targets(e, I, A) I G^-1 A^T e, G = A^T I   (e_perp = e - this)
+    cholesky_qr_basis(C^-1, I)    u_k with U^T C^-1 U = identity, span(U) = span(I)
+
+Shapes: target inputs ``I`` and ``A = C^-1 I`` are stored row-wise, (K, D), one row per concept.
+
+``RankOneEditLinear`` replaces a frozen ``to_k`` / ``to_v`` and computes
+
+    out(e) = W e_perp + sum_k gate_k(e) o*_k
+
+All edited layers of one UNet share one ``EditState`` that carries the per-prompt quantities
+(target inputs, beta/tau, global-locking key context), so no UNet forward signature changes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "similarity",
+    "energy",
+    "concept_gate",
+    "project_onto_targets",
+    "cholesky_qr_basis",
+    "EditState",
+    "RankOneEditLinear",
+    "swap_cross_attention_projections",
+    "edited_layers",
+]
+
+ROLES = ("key", "value")
+
+
+# ---------------------------------------------------------------------------------------------
+# Equations
+# ---------------------------------------------------------------------------------------------
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half precision is too coarse for the solve)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def similarity(e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """sim_k(e) = e^T C^-1 i*_k, computed as e . a_k with a_k = C^-1 i*_k.
+
+    e: (..., D); a: (K, D) -> (..., K).
+    """
+    return e @ a.transpose(0, 1)
+
+
+def energy(target_inputs: torch.Tensor, c_inv_target_inputs: torch.Tensor) -> torch.Tensor:
+    """energy_k = i*_k^T C^-1 i*_k = i*_k . a_k.  (K, D), (K, D) -> (K,)."""
+    return (target_inputs * c_inv_target_inputs).sum(dim=-1)
+
+
+def concept_gate(sim: torch.Tensor, energy: torch.Tensor, beta, tau) -> torch.Tensor:
+    """gate_k = sigmoid((sim_k / energy_k - beta_k) / tau_k); broadcasts over the last (K) dim."""
+    return torch.sigmoid((sim / energy - beta) / tau)
+
+
+def project_onto_targets(e: torch.Tensor, target_inputs: torch.Tensor,
+                         c_inv_target_inputs: torch.Tensor) -> torch.Tensor:
+    """The C^-1-oblique projection of e onto span(I):  I G^-1 A^T e  with  G = A^T I.
+
+    e: (..., D); target_inputs I: (K, D); c_inv_target_inputs A: (K, D) -> (..., D), dtype of e.
+    For K = 1 this is (sim / energy) i*, so e_perp = e - project_onto_targets(e, I, A).
+    Computed in float32 (float64 if any input is float64) with a linear solve, never an inverse.
+    """
+    dtype = _compute_dtype(e, target_inputs, c_inv_target_inputs)
+    targets = target_inputs.to(dtype)
+    c_inv_targets = c_inv_target_inputs.to(dtype)
+    e_c = e.to(dtype)
+    gram = c_inv_targets @ targets.transpose(0, 1)            # G_jk = a_j . i*_k  (K, K), SPD
+    sims = similarity(e_c, c_inv_targets)                      # A^T e  (..., K)
+    flat = sims.reshape(-1, sims.shape[-1]).transpose(0, 1)    # (K, N)
+    coeffs = torch.linalg.solve(gram, flat).transpose(0, 1)    # (N, K) = (G^-1 A^T e)^T
+    projection = coeffs @ targets                              # (N, D)
+    return projection.reshape(e.shape).to(e.dtype)
+
+
+def cholesky_qr_basis(c_inv: torch.Tensor, target_inputs: torch.Tensor) -> torch.Tensor:
+    """Multi-concept basis of the method file: C^-1 = L L^T, Q R = L^T I, u_k = L^-T q_k.
+
+    c_inv: (D, D) SPD; target_inputs: (K, D) -> U: (K, D), rows u_k with u_j^T C^-1 u_k = delta_jk
+    and span(U) = span(I), so  sum_k u_k (u_k^T C^-1 e) = project_onto_targets(e, I, C^-1 I).
+    Inference never needs this (see project_onto_targets); it documents and tests the closed form.
+    """
+    dtype = _compute_dtype(c_inv, target_inputs)
+    lower = torch.linalg.cholesky(c_inv.to(dtype))                       # C^-1 = L L^T
+    q, _ = torch.linalg.qr(lower.transpose(0, 1) @ target_inputs.to(dtype).transpose(0, 1))  # (D, K)
+    basis = torch.linalg.solve_triangular(lower.transpose(0, 1), q, upper=True)           # L^-T Q
+    return basis.transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared per-prompt state
+# ---------------------------------------------------------------------------------------------
+
+def _per_concept(value, name: str) -> torch.Tensor:
+    """Scalar or per-concept sequence -> 1-D float tensor."""
+    # float64 so that float64 computations see beta/tau exactly as given.
+    tensor = torch.as_tensor(value, dtype=torch.float64).detach().reshape(-1).clone()
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must be a number or a non-empty list of numbers, got {value!r}")
+    return tensor
+
+
+class EditState:
+    """State shared by all edited layers of one UNet (set once per prompt / training step).
+
+    target_inputs (K, D) and c_inv_target_inputs (K, D): i*_k and a_k = C^-1 i*_k, or None
+    (no concept: every layer is plain W e).  beta, tau: (K,) (a single value broadcasts to all
+    concepts).  key_context: None (local locking) or the super-class prompt encoding (B, L, D)
+    for global locking; key layers then return W key_context and value layers are unaffected.
+    enabled: False makes every layer exactly W e.  cache_outputs: reuse layer outputs across
+    denoising steps when the text input is unchanged (no-grad only).  version: bumped by every
+    setter, used as a cache key.
+    """
+
+    def __init__(self, beta=0.75, tau=0.10):
+        self.target_inputs: Optional[torch.Tensor] = None
+        self.c_inv_target_inputs: Optional[torch.Tensor] = None
+        self.beta = _per_concept(beta, "beta")
+        self.tau = _per_concept(tau, "tau")
+        self.key_context: Optional[torch.Tensor] = None
+        self.enabled = True
+        self.cache_outputs = False
+        self.version = 0
+        self._converted: dict = {}
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._converted = {}
+
+    @property
+    def num_concepts(self) -> int:
+        return 0 if self.target_inputs is None else self.target_inputs.shape[0]
+
+    def set_targets(self, target_inputs: Optional[torch.Tensor],
+                    c_inv_target_inputs: Optional[torch.Tensor]) -> None:
+        """Set i*_k and a_k = C^-1 i*_k, (K, D) or (D,) each; None clears them.
+
+        They are statistics (an EMA during training), never trained, so they are detached.
+        """
+        if target_inputs is None or c_inv_target_inputs is None:
+            if target_inputs is not None or c_inv_target_inputs is not None:
+                raise ValueError("set_targets: give both target_inputs and c_inv_target_inputs, or neither")
+            self.target_inputs = self.c_inv_target_inputs = None
+        else:
+            targets = target_inputs.detach().reshape(-1, target_inputs.shape[-1])
+            c_inv_targets = c_inv_target_inputs.detach().reshape(-1, c_inv_target_inputs.shape[-1])
+            if targets.shape != c_inv_targets.shape:
+                raise ValueError(f"set_targets: target_inputs {tuple(targets.shape)} and "
+                                 f"c_inv_target_inputs {tuple(c_inv_targets.shape)} must have the same (K, D) shape")
+            self.target_inputs, self.c_inv_target_inputs = targets, c_inv_targets
+        self._bump()
+
+    def set_gating(self, beta, tau) -> None:
+        """beta, tau: scalars or per-concept lists (length K)."""
+        beta_t, tau_t = _per_concept(beta, "beta"), _per_concept(tau, "tau")
+        if (tau_t <= 0).any():
+            raise ValueError(f"tau must be > 0 (it is a temperature), got {tau!r}")
+        self.beta, self.tau = beta_t, tau_t
+        self._bump()
+
+    def set_key_context(self, key_context: Optional[torch.Tensor]) -> None:
+        """Global locking: the super-class prompt encoding (B, L, D) fed to key layers; None = local."""
+        self.key_context = None if key_context is None else key_context.detach()
+        self._bump()
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+        self._bump()
+
+    def set_cache_outputs(self, cache_outputs: bool) -> None:
+        self.cache_outputs = bool(cache_outputs)
+        self._bump()
+
+    def gating_tensors(self, device: torch.device, dtype: torch.dtype):
+        """(I, A, beta (K,), tau (K,)) on device/dtype, converted once per version."""
+        key = (device, dtype)
+        if key not in self._converted:
+            k = self.num_concepts
+            beta, tau = self.beta, self.tau
+            for name, values in (("beta", beta), ("tau", tau)):
+                if values.numel() not in (1, k):
+                    raise ValueError(f"{name} has {values.numel()} values but there are {k} concepts; "
+                                     f"give one value or one per concept")
+            self._converted[key] = (
+                self.target_inputs.to(device=device, dtype=dtype),
+                self.c_inv_target_inputs.to(device=device, dtype=dtype),
+                beta.to(dtype).to(device).expand(k),
+                tau.to(dtype).to(device).expand(k),
+            )
+        return self._converted[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Edited projection
+# ---------------------------------------------------------------------------------------------
+
+def _version_or_none(tensor: torch.Tensor):
+    """In-place version counter; inference-mode tensors do not track one."""
+    return None if tensor.is_inference() else tensor._version
+
+
+class RankOneEditLinear(nn.Module):
+    """A frozen bias-free ``nn.Linear`` (to_k / to_v of a cross-attention) with a gated rank-one edit.
+
+    ``weight`` is the original parameter object (same state_dict key, frozen).  ``target_output``
+    (K, out) holds o*_k: a trainable ``nn.Parameter`` for role "value", a buffer for role "key"
+    (locked to W_K i_super, never trained).
+    """
+
+    def __init__(self, linear: nn.Linear, role: str, state: EditState, num_concepts: int = 1):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"RankOneEditLinear wraps an nn.Linear, got {type(linear).__name__}")
+        if linear.bias is not None:
+            raise ValueError("RankOneEditLinear needs a bias-free projection (SD's to_k/to_v have bias=False)")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.state = state
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.weight.requires_grad_(False)
+        initial = torch.zeros(num_concepts, self.out_features,
+                              dtype=self.weight.dtype, device=self.weight.device)
+        if role == "value":
+            self.target_output = nn.Parameter(initial)
+        else:
+            self.register_buffer("target_output", initial)
+        self._targets_version = 0
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, role={self.role}, "
+                f"num_concepts={self.target_output.shape[0]}")
+
+    @property
+    def num_concepts(self) -> int:
+        return self.target_output.shape[0]
+
+    @torch.no_grad()
+    def set_target_outputs(self, target_outputs: torch.Tensor) -> None:
+        """Set o*_k, (K, out) or (out,).  Same shape: copied in place (optimizer references stay
+        valid); new K: the parameter/buffer is replaced (inference with K concepts)."""
+        values = target_outputs.detach().reshape(-1, target_outputs.shape[-1])
+        if values.shape[-1] != self.out_features:
+            raise ValueError(f"target outputs have width {values.shape[-1]}, this layer has "
+                             f"out_features={self.out_features}")
+        if values.shape == self.target_output.shape:
+            self.target_output.copy_(values)
+        else:
+            fresh = values.to(device=self.target_output.device, dtype=self.target_output.dtype).clone()
+            if self.role == "value":
+                self.target_output = nn.Parameter(fresh, requires_grad=self.target_output.requires_grad)
+            else:
+                self.target_output = fresh      # assigning to a registered buffer name keeps it a buffer
+        self._targets_version += 1
+
+    @torch.no_grad()
+    def initialize_targets(self, superclass_inputs: torch.Tensor) -> None:
+        """o*_k = W i_super_k for both roles ((D,) or (K, D)); for keys this is the lock o*_K."""
+        inputs = superclass_inputs.detach().reshape(-1, superclass_inputs.shape[-1])
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(f"super-class encoding has dim {inputs.shape[-1]}, this layer expects "
+                             f"in_features={self.in_features}")
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            outputs = F.linear(inputs.to(device=self.weight.device, dtype=torch.float32), self.weight.float())
+        self.set_target_outputs(outputs)
+
+    def _cache_key(self, e: torch.Tensor):
+        return (self.state.version, self._targets_version, id(self.target_output),
+                _version_or_none(self.target_output), _version_or_none(self.weight),
+                e.shape, e.dtype, e.device)
+
+    def _cached_output(self, e: torch.Tensor) -> Optional[torch.Tensor]:
+        if self._cache is None:
+            return None
+        input_ref, input_version, input_copy, key, output, output_version = self._cache
+        if key != self._cache_key(e) or _version_or_none(output) != output_version:
+            return None          # state, weights or target changed, or a caller wrote into the output
+        if input_ref is e and input_version is not None and input_version == _version_or_none(e):
+            return output
+        # New tensor object (e.g. samplers that re-concatenate cond/uncond every step) or no version
+        # counter (inference mode): compare with a copy of the cached input, which costs B*L*D
+        # against B*L*D*out for recomputing the projection.
+        return output if torch.equal(input_copy, e) else None
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        use_cache = state.cache_outputs and not torch.is_grad_enabled()
+        if use_cache:
+            cached = self._cached_output(e)
+            if cached is not None:
+                return cached
+        output = self._edited_forward(e)
+        if use_cache:
+            self._cache = (e, _version_or_none(e), e.clone(), self._cache_key(e), output, _version_or_none(output))
+        else:
+            self._cache = None
+        return output
+
+    def _edited_forward(self, e: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if not state.enabled or state.num_concepts == 0:
+            return F.linear(e, self.weight)
+        if self.role == "key" and state.key_context is not None:
+            return F.linear(self._key_context_for(e), self.weight)
+        if state.num_concepts != self.num_concepts:
+            raise RuntimeError(f"EditState has {state.num_concepts} concept(s) but this {self.role} layer holds "
+                               f"{self.num_concepts} target output(s); call set_target_outputs / "
+                               f"initialize_targets with one row per concept")
+        compute_dtype = _compute_dtype(e, state.target_inputs)
+        targets, c_inv_targets, beta, tau = state.gating_tensors(e.device, compute_dtype)
+        # Mixed-precision training would run these small matmuls in half precision; the gate divides
+        # by the energy and the projection solves with G, so keep them in float32.
+        with torch.autocast(device_type=e.device.type, enabled=False):
+            e_c = e.to(compute_dtype)
+            e_perp = e_c - project_onto_targets(e_c, targets, c_inv_targets)
+            gate = concept_gate(similarity(e_c, c_inv_targets), energy(targets, c_inv_targets), beta, tau)
+        base = F.linear(e_perp.to(e.dtype), self.weight)
+        target_output = self.target_output.to(device=base.device)
+        return base + (gate.to(base.dtype) @ target_output.to(base.dtype))
+
+    def _key_context_for(self, e: torch.Tensor) -> torch.Tensor:
+        context = self.state.key_context.to(device=e.device, dtype=e.dtype)
+        if context.dim() == 2:
+            context = context.unsqueeze(0)
+        if context.shape[1:] != e.shape[1:] or context.shape[0] not in (1, e.shape[0]):
+            raise ValueError(f"global-locking key_context has shape {tuple(context.shape)} but the "
+                             f"cross-attention context is {tuple(e.shape)}; encode the super-class prompt "
+                             f"with the same batch (cond and uncond halves) and sequence length")
+        return context.expand(e.shape[0], -1, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet surgery
+# ---------------------------------------------------------------------------------------------
+
+def _is_cross_attention(name: str, module: nn.Module) -> bool:
+    flag = getattr(module, "is_cross_attention", None)
+    if flag is not None:
+        return bool(flag)
+    return name.endswith("attn2") and hasattr(module, "to_k") and hasattr(module, "to_v")
+
+
+def swap_cross_attention_projections(unet: nn.Module, state: EditState,
+                                     num_concepts: int = 1) -> "OrderedDict[str, RankOneEditLinear]":
+    """Replace to_k (role "key") and to_v (role "value") of every cross-attention of ``unet``.
+
+    Cross-attention modules are those with ``is_cross_attention`` True (fallback: named ``...attn2``).
+    Weights are kept as-is.  Idempotent: already-swapped projections are kept (they must share
+    ``state``).  Returns {module name, e.g. "...attn2.to_v": layer} in module order.
+    """
+    swapped: "OrderedDict[str, RankOneEditLinear]" = OrderedDict()
+    attention_modules = [(n, m) for n, m in unet.named_modules() if _is_cross_attention(n, m)]
+    if not attention_modules:
+        raise ValueError(f"{type(unet).__name__} has no cross-attention modules (is_cross_attention / "
+                         f"'attn2'); is this a text-conditioned UNet?")
+    for name, module in attention_modules:
+        for attribute, role in (("to_k", "key"), ("to_v", "value")):
+            projection = getattr(module, attribute)
+            full_name = f"{name}.{attribute}" if name else attribute
+            if isinstance(projection, RankOneEditLinear):
+                if projection.state is not state:
+                    raise ValueError(f"{full_name} is already swapped with a different EditState; all edited "
+                                     f"layers of a UNet must share one state")
+                layer = projection
+            else:
+                layer = RankOneEditLinear(projection, role, state, num_concepts)
+                setattr(module, attribute, layer)
+            swapped[full_name] = layer
+    return swapped
+
+
+def edited_layers(unet: nn.Module, role: Optional[str] = None) -> "OrderedDict[str, RankOneEditLinear]":
+    """{name: layer} for every RankOneEditLinear in ``unet`` (optionally only one role)."""
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES} or None, got {role!r}")
+    return OrderedDict((n, m) for n, m in unet.named_modules()
+                       if isinstance(m, RankOneEditLinear) and (role is None or m.role == role))
