@@ -1,0 +1,322 @@
+"""The masked concept dataset (perfusion/dataset.py) on small images written into tmp_path."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perfusion.dataset import DEFAULT_TEMPLATES, PersonalizedBase
+
+SIZE = 24
+EDGE = SIZE // 3  # columns far enough from a half/half boundary to be unmixed
+RED, BLUE, GREEN = (230, 20, 20), (20, 20, 230), (20, 200, 20)
+
+
+def _save_mask(path: Path, values: np.ndarray) -> None:
+    """Masks are PNG data, also under a .jpg name (as data/soft_segment.py writes them)."""
+    Image.fromarray(values.astype(np.uint8), mode="L").save(path, format="PNG")
+
+
+def _halves(width: int, height: int, left, right) -> Image.Image:
+    pixels = np.zeros((height, width, len(left)), np.uint8)
+    pixels[:, : width // 2] = left
+    pixels[:, width // 2 :] = right
+    return Image.fromarray(pixels)
+
+
+def _left_half_mask(width: int, height: int, value: int = 200) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    mask[:, : width // 2] = value
+    return mask
+
+
+def _rotated_jpeg(path: Path) -> Image.Image:
+    """A JPEG stored 40x30 with EXIF orientation 6, displayed 30x40: red left half, blue right half."""
+    displayed = _halves(30, 40, RED, BLUE)
+    stored = displayed.transpose(Image.Transpose.ROTATE_90)  # exif_transpose undoes this with ROTATE_270
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, quality=95, subsampling=0, exif=exif.tobytes())
+    return displayed
+
+
+@pytest.fixture()
+def concept(tmp_path) -> Path:
+    """One image of each awkward kind, each with a soft mask in mask/."""
+    root = tmp_path / "teddy"
+    masks = root / "mask"
+    masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "photo.jpg", quality=95)
+    # Vertical ramp peaking at 128: a soft mask that normalisation must stretch to peak 1, not binarise.
+    ramp = np.repeat(np.linspace(0, 128, 40)[:, None], 48, axis=1)
+    _save_mask(masks / "photo.png", ramp)  # found through the "<stem>.png" fallback
+
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[:, 20:] = (*RED, 255)  # left half fully transparent black -> must become white
+    Image.fromarray(rgba, mode="RGBA").save(root / "rgba.png")
+    _save_mask(masks / "rgba.png", _left_half_mask(40, 40))
+
+    Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8), mode="L").save(root / "gray.png")
+    _save_mask(masks / "gray.png", _left_half_mask(40, 48))
+
+    palette = Image.new("P", (40, 40), 0)
+    palette.putpalette([0, 0, 0, *GREEN] + [0] * (256 * 3 - 6))
+    palette.paste(1, (20, 0, 40, 40))
+    palette.save(root / "palette.png", transparency=0)  # index 0 (left half) transparent
+    _save_mask(masks / "palette.png", _left_half_mask(40, 40))
+
+    Image.fromarray(np.full((40, 40), 0x8080, np.uint16)).save(root / "gray16.png")  # 16-bit mid gray
+    _save_mask(masks / "gray16.png", _left_half_mask(40, 40))
+
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(root / "cmyk.jpg", quality=95)
+    _save_mask(masks / "cmyk.jpg", _left_half_mask(40, 40))
+
+    _rotated_jpeg(root / "rotated.jpg")
+    _save_mask(masks / "rotated.jpg", _left_half_mask(30, 40))  # in the displayed orientation
+
+    (root / ".DS_Store").write_bytes(b"\0junk")
+    (root / "notes.txt").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(masks / "_masks_preview.png")
+    return root
+
+
+NAMES = ["cmyk.jpg", "gray.png", "gray16.png", "palette.png", "photo.jpg", "rgba.png", "rotated.jpg"]
+
+
+def _item(dataset: PersonalizedBase, name: str) -> dict:
+    return dataset[[Path(p).name for p in dataset.image_paths].index(name)]
+
+
+def test_items_have_shapes_ranges_and_sorted_paths(concept):
+    dataset = PersonalizedBase(concept, size=SIZE, superclass="teddy", seed=0)
+    assert len(dataset) == 7
+    assert [p.name for p in dataset.image_paths] == NAMES
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["jpg"].shape == (SIZE, SIZE, 3) and item["jpg"].dtype == torch.float32
+        assert item["mask"].shape == (SIZE, SIZE) and item["mask"].dtype == torch.float32
+        assert -1.0 <= item["jpg"].min() and item["jpg"].max() <= 1.0
+        assert 0.0 <= item["mask"].min() and item["mask"].max() <= 1.0
+        assert 0.9 < item["mask"].max()  # every mask peaks near 1 after normalisation
+        assert Path(item["path"]).name == NAMES[index]
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+
+
+def test_odd_image_modes_decode_to_rgb(concept):
+    dataset = PersonalizedBase(concept, size=SIZE, flip_p=0.0)
+    rgba = _item(dataset, "rgba.png")["jpg"]
+    assert (rgba[:, :EDGE] > 0.97).all()  # transparent -> white, not black
+    assert (rgba[:, -EDGE:, 0] > 0.7).all() and (rgba[:, -EDGE:, 1:] < -0.7).all()
+    palette = _item(dataset, "palette.png")["jpg"]
+    assert (palette[:, :EDGE] > 0.97).all()
+    assert (palette[:, -EDGE:, 1] > 0.5).all() and (palette[:, -EDGE:, 0] < -0.7).all()
+    # 16-bit 0x8080 is 8-bit 128; clipping instead of scaling would give white (1.0).
+    assert torch.allclose(_item(dataset, "gray16.png")["jpg"], torch.full((SIZE, SIZE, 3), 128 / 127.5 - 1))
+    gray = _item(dataset, "gray.png")["jpg"]
+    assert torch.equal(gray[..., 0], gray[..., 1]) and torch.equal(gray[..., 0], gray[..., 2])
+    cmyk = _item(dataset, "cmyk.jpg")["jpg"]  # C=0 M=Y=255 is red
+    assert (cmyk[..., 0] > 0.8).all() and (cmyk[..., 1:] < -0.8).all()
+
+
+def test_soft_mask_is_normalised_by_max_not_binarised(concept):
+    mask = _item(PersonalizedBase(concept, size=SIZE, flip_p=0.0), "photo.jpg")["mask"]
+    assert mask.max() > 0.95 and mask.min() < 0.05  # ramp 0..128 stretched to 0..1
+    assert len(torch.unique(mask)) > 10
+    rows = mask.mean(dim=1)
+    assert (rows[1:] >= rows[:-1] - 1e-6).all()  # still a ramp, top to bottom
+
+
+def _assert_mask_marks_red_half(item):
+    image, mask = item["jpg"], item["mask"]
+    inside, outside = mask > 0.9, mask < 0.1
+    assert inside.sum() > 0.35 * SIZE * SIZE and outside.sum() > 0.35 * SIZE * SIZE
+    assert (image[inside][:, 0] > image[inside][:, 2]).all()  # red under the mask
+    assert (image[outside][:, 2] > image[outside][:, 0]).all()  # blue outside
+    # Columns 2+ pixels inside the mask's edge hold unmixed red (resampling blurs only near the edge).
+    columns_in = (mask > 0.9).all(dim=0)
+    core = columns_in.clone()
+    for shift in (-2, -1, 1, 2):
+        core &= columns_in.roll(shift)
+    assert core.sum() >= SIZE // 3
+    assert (image[:, core, 0] > 0.5).all() and (image[:, core, 2] < -0.5).all()
+
+
+def test_exif_rotated_image_and_mask_align(concept):
+    with Image.open(concept / "rotated.jpg") as stored:
+        assert stored.size == (40, 30)
+    dataset = PersonalizedBase(concept, size=SIZE, flip_p=0.0)
+    item = _item(dataset, "rotated.jpg")
+    _assert_mask_marks_red_half(item)
+    assert item["mask"][:, :EDGE].mean() > 0.95 and item["mask"][:, -EDGE:].max() < 0.05  # bright LEFT half
+
+    # A mask made from the raw stored pixels (40x30) gets the image's EXIF orientation applied.
+    raw_mask = Image.fromarray(_left_half_mask(30, 40)).transpose(Image.Transpose.ROTATE_90)
+    raw_mask.save(concept / "mask" / "rotated.jpg", format="PNG")
+    with pytest.warns(UserWarning, match="EXIF orientation"):
+        rotated_fixed = PersonalizedBase(concept, size=SIZE, flip_p=0.0)
+    assert torch.equal(_item(rotated_fixed, "rotated.jpg")["mask"], item["mask"])
+
+
+def test_mask_of_other_size_is_resized_with_a_warning(concept):
+    _save_mask(concept / "mask" / "rgba.png", _left_half_mask(20, 20, value=255))
+    with pytest.warns(UserWarning, match=r"rgba\.png -> 40x40"):
+        dataset = PersonalizedBase(concept, size=SIZE, flip_p=0.0)
+    mask = _item(dataset, "rgba.png")["mask"]
+    assert mask[:, :EDGE].min() > 0.95 and mask[:, -EDGE:].max() < 0.05
+
+
+def test_flip_mirrors_image_and_mask_together(concept):
+    plain = PersonalizedBase(concept, size=SIZE, flip_p=0.0, seed=1)
+    flipped = PersonalizedBase(concept, size=SIZE, flip_p=1.0, seed=1)
+    for index in range(len(plain)):
+        a, b = plain[index], flipped[index]
+        assert torch.equal(b["jpg"], a["jpg"].flip(1))
+        assert torch.equal(b["mask"], a["mask"].flip(1))
+        assert a["caption"] == b["caption"]
+    _assert_mask_marks_red_half(_item(flipped, "rotated.jpg"))
+
+
+def test_random_crop_keeps_mask_on_the_marker(tmp_path):
+    root = tmp_path / "tall"
+    (root / "mask").mkdir(parents=True)
+    image = np.zeros((90, 30, 3), np.uint8)
+    image[40:50, 10:20] = 255  # white marker square inside every 30x30 window that covers rows 40..50
+    mask = np.zeros((90, 30), np.uint8)
+    mask[40:50, 10:20] = 255
+    Image.fromarray(image).save(root / "tall.png")
+    _save_mask(root / "mask" / "tall.png", mask)
+    dataset = PersonalizedBase(root, size=30, center_crop=False, flip_p=0.5, seed=0, interpolation="nearest")
+    marker_rows = set()
+    for _ in range(12):
+        item = dataset[0]
+        on_mask = item["mask"] > 0.5
+        assert on_mask.any() == (item["jpg"][..., 0] > 0).any()
+        assert torch.equal(on_mask, item["jpg"][..., 0] > 0)  # same crop for image and mask
+        if on_mask.any():
+            marker_rows.add(int(on_mask.nonzero()[0, 0]))
+    assert len(marker_rows) > 1  # the crop position really varies
+
+
+def test_captions_share_one_template(concept):
+    dataset = PersonalizedBase(concept, size=SIZE, placeholder_token="*", superclass="teddy", seed=0)
+    seen = set()
+    for index in range(len(dataset)):
+        for _ in range(3):
+            item = dataset[index]
+            assert item["caption"] in {t.format("*") for t in DEFAULT_TEMPLATES}
+            assert item["caption_superclass"] == item["caption"].replace("*", "teddy")
+            seen.add(item["caption"])
+    assert len(seen) > 3  # templates are drawn at random
+    custom = PersonalizedBase(concept, size=SIZE, placeholder_token="<sks>", superclass="dog",
+                              templates=["a {} on a table"])
+    assert custom[0]["caption"] == "a <sks> on a table"
+    assert custom[0]["caption_superclass"] == "a dog on a table"
+    with pytest.raises(ValueError, match="exactly once"):
+        PersonalizedBase(concept, templates=["a photo"])
+
+
+def test_len_is_number_of_images_even_with_repeats(concept):
+    with pytest.warns(UserWarning, match="max_steps"):
+        dataset = PersonalizedBase(concept, size=SIZE, repeats=100)
+    assert len(dataset) == 7
+    with pytest.warns(UserWarning, match="per_image_tokens"):
+        PersonalizedBase(concept, size=SIZE, per_image_tokens=False)
+
+
+def test_missing_mask_names_image_and_fixes(concept):
+    (concept / "mask" / "gray.png").unlink()
+    with pytest.raises(FileNotFoundError, match="gray.png") as error:
+        PersonalizedBase(concept, size=SIZE)
+    assert "use_masks: false" in str(error.value) and "soft_segment.py" in str(error.value)
+    shutil.rmtree(concept / "mask")
+    dataset = PersonalizedBase(concept, size=SIZE, use_masks=False)
+    for index in range(len(dataset)):
+        assert torch.equal(dataset[index]["mask"], torch.ones(SIZE, SIZE))
+
+
+def test_empty_mask_names_the_mask_file(concept):
+    _save_mask(concept / "mask" / "palette.png", np.zeros((40, 40)))
+    with pytest.raises(ValueError, match=r"mask.*palette\.png.*empty"):
+        PersonalizedBase(concept, size=SIZE)
+
+
+def test_missing_folder_or_no_images(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.*soft_segment.py"):
+        PersonalizedBase(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    (empty / "mask").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(empty / "mask" / "a.png")  # images in subfolders do not count
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds no images.*readme.txt"):
+        PersonalizedBase(empty)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_image_names_the_file(concept, damage):
+    broken = concept / "broken.jpg"
+    if damage == "garbage":
+        broken.write_bytes(b"this is not an image at all" * 10)
+    else:
+        data = (concept / "photo.jpg").read_bytes()
+        broken.write_bytes(data[: len(data) // 2])
+    _save_mask(concept / "mask" / "broken.jpg", _left_half_mask(48, 40))
+    with pytest.raises(ValueError, match=r"cannot read image .*broken\.jpg"):
+        PersonalizedBase(concept, size=SIZE)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [({"size": 0}, "size"), ({"flip_p": 1.5}, "flip_p"), ({"interpolation": "cubic"}, "interpolation"),
+     ({"set": "training"}, "set"), ({"superclass": " "}, "superclass")],
+)
+def test_bad_arguments_are_named(concept, bad, message):
+    with pytest.raises(ValueError, match=message):
+        PersonalizedBase(concept, **bad)
+
+
+def _epoch(dataset):
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def _same(a, b):
+    return all(torch.equal(x["jpg"], y["jpg"]) and torch.equal(x["mask"], y["mask"])
+               and x["caption"] == y["caption"] for x, y in zip(a, b))
+
+
+def test_seeded_augmentations_are_reproducible_and_vary(concept):
+    kwargs = dict(size=SIZE, center_crop=False, flip_p=0.5)
+    first, second = (PersonalizedBase(concept, seed=7, **kwargs) for _ in range(2))
+    epochs_first = [_epoch(first) for _ in range(2)]
+    epochs_second = [_epoch(second) for _ in range(2)]
+    assert _same(epochs_first[0], epochs_second[0]) and _same(epochs_first[1], epochs_second[1])
+    assert not _same(epochs_first[0], epochs_first[1])  # each pass draws anew
+    assert not _same(_epoch(PersonalizedBase(concept, seed=8, **kwargs)), epochs_first[0])
+    at_epoch_3 = []
+    for _ in range(2):
+        dataset = PersonalizedBase(concept, seed=7, **kwargs)
+        dataset.set_epoch(3)
+        at_epoch_3.append(_epoch(dataset))
+    assert _same(*at_epoch_3) and not _same(at_epoch_3[0], epochs_first[0])
+
+
+def test_worker_processes_vary_per_epoch_and_reproduce(concept):
+    dataset = PersonalizedBase(concept, size=16, center_crop=False, flip_p=0.5, seed=7)
+
+    def two_epochs():
+        torch.manual_seed(0)  # what seed_everything does for the DataLoader's base seed
+        loader = torch.utils.data.DataLoader(dataset, batch_size=7, num_workers=1)
+        return [next(iter(loader)) for _ in range(2)]
+
+    run_a, run_b = two_epochs(), two_epochs()
+    assert all(torch.equal(a["jpg"], b["jpg"]) and a["caption"] == b["caption"] for a, b in zip(run_a, run_b))
+    assert not torch.equal(run_a[0]["jpg"], run_a[1]["jpg"])  # workers do not repeat epoch 0's augmentations
