@@ -1,0 +1,180 @@
+"""Estimate C^-1, the inverse uncentered covariance of text-encoder token encodings, from a caption file.
+
+    python data/estimate_C_inv.py --caption captions.txt --type clip \
+        --ckpt ckpt/v1-5-pruned-emaonly.ckpt --save_path ckpt/C_inv_sd1.npy
+    python data/estimate_C_inv.py --caption captions.txt --config configs/perfusion_inference_sd_v2.yaml \
+        --ckpt ckpt/v2-1_512-ema-pruned.ckpt --save_path ckpt/C_inv_sd2.npy
+
+C = (1/N) sum e e^T over REAL token positions only: the start token through the first EOS, inclusive.
+The padding after EOS is not text: in a 77-token sequence it is most of the positions, and its encodings
+(EOS / zero-token embeddings passed through causal attention) are nearly identical to each other, so
+including them would make C describe padding rather than language. The sums are accumulated in float64.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from perfusion.covariance import save_c_inv  # noqa: E402
+
+RCOND = 1e-12  # smallest eigenvalue of C accepted, relative to the largest
+
+ENCODER_TARGETS = {
+    "clip": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {}},
+    "openclip": {
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"layer": "penultimate"},
+    },
+}
+
+
+def read_captions(path: str | Path, n_captions: int | None = None) -> list[str]:
+    """Non-empty lines of ``path`` (stripped), the first ``n_captions`` of them when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--caption file not found: {path} (expected a text file, one caption per line)")
+    captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not captions:
+        raise ValueError(f"--caption file {path} holds no captions")
+    return captions[:n_captions] if n_captions else captions
+
+
+def real_token_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Bool (B, L): True from the start token through the first EOS of each row, inclusive.
+
+    Counting EOS occurrences *before* each position handles SD 1.x, whose padding is EOS itself.
+    """
+    is_eos = (tokens == eos_token_id).long()
+    eos_before = is_eos.cumsum(dim=1) - is_eos
+    return eos_before == 0
+
+
+@torch.no_grad()
+def accumulate_second_moment(encoder, captions: list[str], batch_size: int = 64, device: str = "cpu"):
+    """Return (S, N): S = sum of e e^T (float64, D x D) over the N real-token encodings of ``captions``."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    second_moment = torch.zeros(encoder.width, encoder.width, dtype=torch.float64, device=device)
+    n_tokens = 0
+    batches = range(0, len(captions), batch_size)
+    for start in tqdm(batches, desc="token covariance", unit="batch"):
+        tokens = encoder.tokenize(captions[start : start + batch_size]).to(device)
+        encodings = encoder.encode_tokens(tokens)
+        real = encodings[real_token_mask(tokens, encoder.eos_token_id)].double()  # (n, D)
+        second_moment += real.T @ real
+        n_tokens += real.shape[0]
+    return second_moment, n_tokens
+
+
+def invert_covariance(second_moment: torch.Tensor, n_tokens: int, eps: float = 0.0):
+    """Return (C^-1, condition number of C) for C = S / N + eps I; refuse a C that is not positive definite."""
+    dim = second_moment.shape[0]
+    cov = second_moment / n_tokens + eps * torch.eye(dim, dtype=second_moment.dtype, device=second_moment.device)
+    cov = 0.5 * (cov + cov.T)
+    eigenvalues = torch.linalg.eigvalsh(cov)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    # Below RCOND the inverse is dominated by rounding (float64 has ~16 digits): treat C as singular.
+    if info.item() != 0 or eigenvalues[0] <= RCOND * eigenvalues[-1]:
+        raise ValueError(
+            f"C is singular / not positive definite (N = {n_tokens} token vectors for dimension {dim}, "
+            f"eigenvalues {eigenvalues[0].item():.3g} .. {eigenvalues[-1].item():.3g}). Use more captions (N should be far above {dim}) "
+            "or add a ridge with --eps (e.g. --eps 1e-6)."
+        )
+    c_inv = torch.cholesky_inverse(chol)
+    return 0.5 * (c_inv + c_inv.T), (eigenvalues[-1] / eigenvalues[0]).item()
+
+
+def _encoder_config(args) -> dict:
+    from omegaconf import OmegaConf
+
+    if args.encoder_config:
+        return OmegaConf.to_container(OmegaConf.load(args.encoder_config), resolve=True)
+    if args.config:
+        config = OmegaConf.load(args.config)
+        cond = OmegaConf.select(config, "model.params.cond_stage_config")
+        if cond is None:
+            raise ValueError(f"--config {args.config} has no model.params.cond_stage_config")
+        return OmegaConf.to_container(cond, resolve=True)
+    return ENCODER_TARGETS[args.type]
+
+
+def build_encoder(args):
+    """The frozen text encoder named by --encoder_config / --config / --type, with --ckpt weights loaded."""
+    from ldm.modules.encoders.modules import load_text_encoder_weights
+    from ldm.util import instantiate_from_config, load_state_dict
+
+    config = _encoder_config(args)
+    if args.ckpt is None and not args.encoder_config:
+        raise ValueError(
+            "--ckpt is required with --type/--config: the text encoder is built from its config without weights, "
+            "and its weights come from the Stable Diffusion checkpoint (e.g. --ckpt ckpt/v1-5-pruned-emaonly.ckpt)."
+        )
+    torch.manual_seed(args.seed)  # only matters for randomly initialised test encoders
+    encoder = instantiate_from_config(config)
+    if args.ckpt is not None:
+        load_text_encoder_weights(encoder, load_state_dict(args.ckpt), prefix=args.ckpt_prefix)
+    return encoder.to(args.device).eval(), config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--caption", required=True, help="text file, one caption per line (e.g. 100K LAION captions)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--type", choices=sorted(ENCODER_TARGETS), default="clip",
+                        help="clip = SD 1.x CLIP ViT-L/14; openclip = SD 2.x OpenCLIP ViT-H/14 penultimate layer")
+    source.add_argument("--config", help="inference yaml; its model.params.cond_stage_config is the encoder")
+    source.add_argument("--encoder_config", help=argparse.SUPPRESS)  # yaml with target/params (tests, tiny models)
+    parser.add_argument("--ckpt", help="Stable Diffusion checkpoint holding the text encoder (cond_stage_model.*)")
+    parser.add_argument("--ckpt_prefix", default="cond_stage_model.", help=argparse.SUPPRESS)
+    parser.add_argument("--save_path", required=True, help="output .npy (a .json with metadata is written beside it)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--n_captions", type=int, default=None, help="use the first N captions (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--eps", type=float, default=0.0, help="ridge added to C before inversion (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.eps < 0:
+        parser.error("--eps must be >= 0")
+    if args.n_captions is not None and args.n_captions < 1:
+        parser.error("--n_captions must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    captions = read_captions(args.caption, args.n_captions)
+    encoder, config = build_encoder(args)
+    second_moment, n_tokens = accumulate_second_moment(encoder, captions, args.batch_size, args.device)
+    c_inv, condition = invert_covariance(second_moment, n_tokens, args.eps)
+    encoder_name = f"{config['target'].rsplit('.', 1)[-1]}({', '.join(f'{k}={v}' for k, v in (config.get('params') or {}).items())})"
+    meta = {
+        "encoder": encoder_name,
+        "encoder_config": config,
+        "ckpt": args.ckpt,
+        "captions_file": str(args.caption),
+        "n_captions": len(captions),
+        "n_tokens": n_tokens,
+        "token_positions": "start token through first EOS (padding excluded)",
+        "eps": args.eps,
+    }
+    path = save_c_inv(args.save_path, c_inv, meta)
+    print(f"{len(captions)} captions, N = {n_tokens} token vectors, D = {c_inv.shape[0]}, "
+          f"condition number of C = {condition:.4g}")
+    print(f"saved {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    from ldm.util import CheckpointError
+
+    try:
+        sys.exit(main())
+    except (ValueError, OSError, CheckpointError) as err:  # user errors: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
