@@ -1,0 +1,1 @@
+"""Samplers and denoisers in the style of Stability AI's generative-models ("sgm")."""
