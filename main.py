@@ -1,0 +1,349 @@
+"""Train a Perfusion concept: ``python main.py --name teddy --base configs/perfusion_teddy.yaml -t --gpus 0,``.
+
+Writes ``<basedir>/<timestamp>_<name><postfix>/`` with configs/ (snapshots), checkpoints/ (Lightning, for -r),
+concepts/ (concept files every N steps), images/ and TensorBoard events; the final concept is also copied to
+``<basedir>/<name>.safetensors`` for scripts/perfusion_txt2img.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ldm.util import instantiate_from_config
+
+BASE_WEIGHTS_HELP = {
+    "v1-5": "https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.ckpt",
+    "v2-1": "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.ckpt",
+}
+
+
+def str2bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got '{value}'")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--name", type=str, default="", help="experiment name (log folder, concept file)")
+    parser.add_argument("-b", "--base", nargs="*", metavar="config.yaml", default=[],
+                        help="configs, merged left to right; later ones and dotlist overrides win")
+    parser.add_argument("--basedir", type=str, default="logs", help="where log folders and concepts go")
+    parser.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
+    parser.add_argument("--gpus", type=str, default=None, help="CUDA devices, e.g. '0,' or '0,1'; absent: CPU")
+    parser.add_argument("--num_nodes", type=int, default=None, help="nodes for multi-node DDP")
+    parser.add_argument("-r", "--resume", type=str, default="", help="log folder or checkpoint to resume from")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
+    parser.add_argument("-p", "--postfix", "--project", type=str, default="", help="postfix of the log folder name")
+    return parser
+
+
+# ----- data ------------------------------------------------------------------------------------------------
+class DataModuleFromConfig(pl.LightningDataModule):
+    def __init__(self, batch_size: int, train=None, validation=None, num_workers: int | None = None,
+                 wrap: bool = False, shuffle: bool = True, **ignored):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = min(num_workers if num_workers is not None else batch_size * 2, os.cpu_count() or 1)
+        self.dataset_configs = {"train": train} if train is not None else {}
+        self.shuffle = shuffle
+        self.datasets = {}
+
+    def setup(self, stage=None):
+        self.datasets = {k: instantiate_from_config(cfg) for k, cfg in self.dataset_configs.items()}
+
+    def train_dataloader(self):
+        dataset = self.datasets["train"]
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers,
+                          drop_last=len(dataset) >= self.batch_size, persistent_workers=self.num_workers > 0)
+
+
+# ----- callbacks -------------------------------------------------------------------------------------------
+class OptimizerStepProgressBar(Callback):
+    """One bar that counts optimizer steps toward max_steps (not dataset passes or micro-batches)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.bar = tqdm(total=trainer.max_steps if trainer.max_steps > 0 else None, initial=trainer.global_step,
+                        desc="optimizer steps", disable=not trainer.is_global_zero, dynamic_ncols=True)
+        self.last = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.last:
+            self.bar.update(trainer.global_step - self.last)
+            self.last = trainer.global_step
+            loss = trainer.callback_metrics.get("loss")
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{float(loss):.4f}")
+
+    def on_train_end(self, trainer, pl_module):
+        self.bar.close()
+
+
+class DatasetEpoch(Callback):
+    """Tells the dataset the epoch so seeded augmentations differ between epochs (Lightning does not)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        dataset = getattr(trainer.datamodule, "datasets", {}).get("train") if trainer.datamodule else None
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(trainer.current_epoch)
+
+
+class ConceptCheckpoint(Callback):
+    """Writes the concept file (atomically) every N optimizer steps and at the end of training."""
+
+    def __init__(self, dirpath: str, name: str, every_n_train_steps: int = 100, final_copy: str | None = None):
+        self.dirpath, self.name, self.every = Path(dirpath), name, every_n_train_steps
+        self.final_copy = final_copy
+        self.last_saved = -1
+
+    def _save(self, trainer, pl_module, tag: str):
+        if not trainer.is_global_zero or not bool(pl_module.targets_initialized):
+            return None
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        pl_module.save_concept_file(self.dirpath / f"{self.name}-{tag}.safetensors")
+        latest = pl_module.save_concept_file(self.dirpath / f"{self.name}.safetensors")
+        self.last_saved = trainer.global_step
+        return latest
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step > 0 and step % self.every == 0 and step != self.last_saved:
+            self._save(trainer, pl_module, f"step{step:06d}")
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.world_size > 1:
+            self._check_ranks_agree(trainer, pl_module)
+        latest = self._save(trainer, pl_module, f"step{trainer.global_step:06d}")
+        if latest and self.final_copy:
+            tmp = f"{self.final_copy}.tmp"
+            shutil.copyfile(latest, tmp)
+            os.replace(tmp, self.final_copy)
+            print(f"concept written to {self.final_copy}")
+
+
+    def _check_ranks_agree(self, trainer, pl_module):
+        """Every rank must hold the same concept; a divergence would make the saved file depend on the rank."""
+        state = pl_module.concept_state_vector()
+        gathered = pl_module.all_gather(state)  # (world, n)
+        difference = float((gathered - gathered[0]).abs().max())
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            report = {"world_size": trainer.world_size, "max_abs_difference": difference, "numel": state.numel()}
+            (self.dirpath / "rank_agreement.json").write_text(json.dumps(report, indent=2) + "\n")
+        if difference != 0.0:
+            raise RuntimeError(f"concept state differs across the {trainer.world_size} ranks by up to {difference}")
+
+
+class ImageLogger(Callback):
+    """Saves input/reconstruction/mask/sample grids as PNG and to TensorBoard every ``batch_frequency`` steps."""
+
+    def __init__(self, batch_frequency: int = 25, max_images: int = 4, frequency_base: int = 5,
+                 clamp: bool = True, log_first_step: bool = False, ddim_steps: int | None = None, **ignored):
+        self.batch_frequency, self.max_images, self.clamp = batch_frequency, max_images, clamp
+        self.log_first_step, self.ddim_steps = log_first_step, ddim_steps
+        self.last_logged = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        due = (step > 0 and step % self.batch_frequency == 0) or (self.log_first_step and step == 0)
+        if not due or step == self.last_logged or not trainer.is_global_zero:
+            return
+        self.last_logged = step
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.log_images(batch, N=self.max_images, ddim_steps=self.ddim_steps)
+        if was_training:
+            pl_module.train()
+        folder = Path(trainer.log_dir or trainer.default_root_dir).parent / "images" / "train"
+        if getattr(trainer, "_perfusion_logdir", None):
+            folder = Path(trainer._perfusion_logdir) / "images" / "train"
+        folder.mkdir(parents=True, exist_ok=True)
+        import torchvision
+
+        for key, tensor in images.items():
+            tensor = tensor.detach().float().cpu()
+            if self.clamp:
+                tensor = tensor.clamp(-1, 1)
+            grid = torchvision.utils.make_grid((tensor + 1) / 2, nrow=min(4, tensor.shape[0]))
+            array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(array).save(folder / f"{key}_gs-{step:06d}_b-{batch_idx:06d}.png")
+            if isinstance(trainer.logger, TensorBoardLogger):
+                trainer.logger.experiment.add_image(f"train/{key}", grid, global_step=step)
+
+
+# ----- configuration ------------------------------------------------------------------------------------------
+def resolve_resume(opt):
+    """-r accepts a log folder or a checkpoint inside it; returns (logdir, ckpt path, base configs)."""
+    path = Path(opt.resume)
+    if not path.exists():
+        raise SystemExit(f"--resume {opt.resume}: no such log folder or checkpoint")
+    if path.is_file():
+        logdir = path.parent.parent
+        ckpt = path
+    else:
+        logdir = path
+        ckpt = path / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {ckpt} (training wrote none yet?)")
+    base = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
+    return logdir, ckpt, base
+
+
+def check_model_files(model_config) -> None:
+    """Clear errors for missing weights before the (slow) model build."""
+    params = model_config.get("params", {})
+    ckpt = params.get("ckpt_path")
+    if ckpt and not Path(ckpt).is_file():
+        raise SystemExit(
+            f"base checkpoint not found: {ckpt}\n"
+            f"Download Stable Diffusion into ./ckpt/: SD 1.5 from {BASE_WEIGHTS_HELP['v1-5']}\n"
+            f"or SD 2.1 from {BASE_WEIGHTS_HELP['v2-1']}, or set model.params.ckpt_path=<path> on the command line."
+        )
+    c_inv = params.get("C_inv_path")
+    if c_inv and not Path(c_inv).is_file():
+        kind = "openclip" if "OpenCLIP" in str(params.get("cond_stage_config", {}).get("target", "")) else "clip"
+        raise SystemExit(
+            f"C^-1 file not found: {c_inv}\n"
+            f"Make it once per text encoder: python data/estimate_C_inv.py --caption captions.txt --type {kind} "
+            f"--save_path {c_inv}\n(see README, 'Estimating C^-1'), or set model.params.C_inv_path=<path>."
+        )
+
+
+def fill_dataset_words(config, seed: int) -> None:
+    """The dataset's placeholder, super-class word and augmentation seed default to the run's."""
+    personalization = config.model.params.get("personalization_config", {}).get("params", {})
+    train = config.get("data", {}).get("params", {}).get("train")
+    if train is None:
+        return
+    params = train.setdefault("params", {})
+    if "placeholder_token" not in params and personalization.get("placeholder_strings"):
+        params["placeholder_token"] = personalization["placeholder_strings"][0]
+    if "superclass" not in params and personalization.get("initializer_words"):
+        params["superclass"] = personalization["initializer_words"][0]
+    params.setdefault("seed", seed)
+
+
+def trainer_settings(opt, lightning_config) -> dict:
+    settings = dict(OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True))
+    settings.pop("gpus", None)
+    if opt.gpus is not None and opt.gpus.strip(", ") != "":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--gpus {opt.gpus} asks for CUDA, but torch sees no CUDA device; "
+                             "drop --gpus to train on the CPU")
+        devices = [int(g) for g in opt.gpus.split(",") if g.strip() != ""]
+        settings.update(accelerator="gpu", devices=devices)
+    else:
+        settings.setdefault("accelerator", "cpu")
+        settings.setdefault("devices", 1)
+        precision = str(settings.get("precision", "32"))
+        if settings["accelerator"] == "cpu" and precision.startswith("16"):
+            print(f"precision {precision} needs CUDA; using 32-bit on the CPU")
+            settings["precision"] = "32-true"
+    if opt.num_nodes:
+        settings["num_nodes"] = opt.num_nodes
+    devices = settings.get("devices", 1)
+    n_devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    if (n_devices > 1 or settings.get("num_nodes", 1) > 1) and settings.get("strategy") in (None, "auto"):
+        settings["strategy"] = "ddp"
+    settings.setdefault("max_epochs", -1)
+    settings.setdefault("max_steps", 400)
+    settings.setdefault("log_every_n_steps", 1)
+    settings["enable_progress_bar"] = False
+    return settings
+
+
+def main(argv=None):
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(argv)
+    if opt.name and opt.resume:
+        raise SystemExit("-n/--name and -r/--resume cannot be given together (resume keeps the old name)")
+    ckpt = None
+    if opt.resume:
+        logdir, ckpt, resumed_base = resolve_resume(opt)
+        opt.base = resumed_base + opt.base
+        nowname = logdir.name
+    else:
+        if not opt.base:
+            raise SystemExit("give at least one config with --base (e.g. --base configs/perfusion_teddy.yaml)")
+        name = opt.name or Path(opt.base[0]).stem
+        now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+        nowname = f"{now}_{name}{opt.postfix}"
+        logdir = Path(opt.basedir) / nowname
+    for path in opt.base:
+        if not Path(path).is_file():
+            raise SystemExit(f"config not found: {path}")
+    configs = [OmegaConf.load(p) for p in opt.base]
+    try:
+        cli = OmegaConf.from_dotlist(unknown)
+    except Exception as err:
+        raise SystemExit(f"could not read overrides {unknown}: {err} (use key.sub=value)")
+    config = OmegaConf.merge(*configs, cli)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    concept_name = opt.name or (nowname.split("_", 1)[1] if "_" in nowname else nowname)
+    concept_name = concept_name[: -len(opt.postfix)] if opt.postfix and concept_name.endswith(opt.postfix) else concept_name
+
+    pl.seed_everything(opt.seed, workers=True)
+    check_model_files(config.model)
+    fill_dataset_words(config, opt.seed)
+    settings = trainer_settings(opt, lightning_config)
+
+    model = instantiate_from_config(config.model)
+    for key in ("embedding_learning_rate", "target_output_learning_rate"):
+        if key in config.model:
+            setattr(model, key, float(config.model[key]))
+
+    ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
+    every = int(lightning_config.get("modelcheckpoint_step", {}).get("params", {}).get("every_n_train_steps", 100))
+    image_params = lightning_config.get("callbacks", {}).get("image_logger", {}).get("params", {})
+    callbacks = [
+        OptimizerStepProgressBar(),
+        DatasetEpoch(),
+        ModelCheckpoint(dirpath=str(ckptdir), filename="step{step:06d}", every_n_train_steps=every,
+                        save_last=True, save_top_k=-1, auto_insert_metric_name=False),
+        ConceptCheckpoint(str(logdir / "concepts"), concept_name, every,
+                          final_copy=str(Path(opt.basedir) / f"{concept_name}.safetensors") if opt.train else None),
+        ImageLogger(**OmegaConf.to_container(image_params, resolve=True)),
+    ]
+    logger = TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version="")
+    trainer = pl.Trainer(logger=logger, callbacks=callbacks, default_root_dir=str(logdir), **settings)
+    trainer._perfusion_logdir = str(logdir)
+
+    if trainer.is_global_zero:
+        cfgdir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+        OmegaConf.save(config, cfgdir / f"{stamp}-project.yaml")
+        OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), cfgdir / f"{stamp}-lightning.yaml")
+        print(f"logging to {logdir}")
+
+    data = instantiate_from_config(config.data)
+    if opt.train:
+        trainer.fit(model, data, ckpt_path=str(ckpt) if ckpt else None)
+    return trainer, model
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()

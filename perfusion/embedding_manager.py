@@ -1,0 +1,89 @@
+"""Learned word embeddings for placeholder strings (Textual-Inversion style), inserted into the text encoder.
+
+Works with any encoder that exposes ``tokenize``, ``encode_tokens(tokens, embedding_hook)`` and
+``token_embedding`` (our ``FrozenCLIPEmbedder`` and ``FrozenOpenCLIPEmbedder``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+class PlaceholderError(ValueError):
+    """A placeholder or initializer word that the tokenizer does not see as exactly one token."""
+
+
+def single_token_id(encoder, word: str, role: str) -> int:
+    """The id of ``word`` if the encoder's tokenizer makes it exactly one token, else a clear error."""
+    tokens = encoder.tokenize([word])[0].tolist()
+    specials = {encoder.bos_token_id, encoder.eos_token_id, encoder.pad_token_id}
+    body = []
+    for token in tokens[1:]:
+        if token == encoder.eos_token_id:
+            break
+        body.append(token)
+    if len(body) != 1 or body[0] in specials:
+        raise PlaceholderError(
+            f"{role} '{word}' is {len(body)} tokens for this text encoder; it must be exactly one. "
+            + ("Pick a rare single-token string such as '*' or 'sks'." if role == "placeholder" else
+               "Pick a common one-token word for the super-class (e.g. 'teddy', 'cat', 'dog', 'toy', 'person').")
+        )
+    return body[0]
+
+
+class EmbeddingManager(nn.Module):
+    """One learned embedding per placeholder string, initialised from its super-class (initializer) word."""
+
+    def __init__(self, embedder, placeholder_strings: Sequence[str] = ("*",),
+                 initializer_words: Sequence[str] = (), num_vectors_per_token: int = 1,
+                 progressive_words: bool = False, **ignored):
+        super().__init__()
+        if num_vectors_per_token != 1:
+            raise ValueError("Perfusion learns one vector per concept word: num_vectors_per_token must be 1")
+        placeholder_strings = list(placeholder_strings)
+        initializer_words = list(initializer_words)
+        if initializer_words and len(initializer_words) != len(placeholder_strings):
+            raise ValueError(f"{len(placeholder_strings)} placeholder strings but {len(initializer_words)} "
+                             "initializer words; give one super-class word per placeholder")
+        if len(set(placeholder_strings)) != len(placeholder_strings):
+            raise ValueError(f"placeholder strings must differ, got {placeholder_strings}")
+        self.placeholder_strings = placeholder_strings
+        self.initializer_words = initializer_words
+        ids = [single_token_id(embedder, p, "placeholder") for p in placeholder_strings]
+        self.register_buffer("placeholder_token_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        table = embedder.token_embedding.weight
+        if initializer_words:
+            init_ids = [single_token_id(embedder, w, "initializer word") for w in initializer_words]
+            initial = table[init_ids].detach().clone().float()
+        else:  # inference: values come from concept files
+            initial = torch.zeros(len(ids), table.shape[1])
+        self.embeddings = nn.Parameter(initial)
+
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """Replace the embedding of every placeholder token by its learned vector (differentiably)."""
+        out = token_embeds
+        for k, token_id in enumerate(self.placeholder_token_ids.tolist()):
+            where = (tokens == token_id).unsqueeze(-1)
+            if where.any():
+                out = torch.where(where, self.embeddings[k].to(out.dtype), out)
+        return out
+
+    def concept_positions(self, tokens: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """Position of placeholder ``index`` in each tokenised prompt, (B,); found by token id, not by words."""
+        hits = tokens == int(self.placeholder_token_ids[index])
+        missing = (~hits.any(dim=1)).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"prompts {missing} of the batch do not contain the placeholder "
+                             f"'{self.placeholder_strings[index]}'")
+        return hits.float().argmax(dim=1)
+
+    @torch.no_grad()
+    def set_embeddings(self, embeddings: torch.Tensor, placeholder_strings: Sequence[str], embedder) -> None:
+        """Replace placeholders and their vectors (inference with concepts loaded from files)."""
+        ids = [single_token_id(embedder, p, "placeholder") for p in placeholder_strings]
+        self.placeholder_strings = list(placeholder_strings)
+        self.placeholder_token_ids = torch.tensor(ids, dtype=torch.long, device=self.embeddings.device)
+        self.embeddings = nn.Parameter(embeddings.detach().clone().to(self.embeddings.device).float(),
+                                       requires_grad=self.embeddings.requires_grad)

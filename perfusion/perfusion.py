@@ -1,0 +1,267 @@
+"""The Perfusion LightningModule: a frozen LatentDiffusion whose cross-attention K/V projections are
+key-locked, gated rank-one edits (perfusion/roe.py); trains the concept word embedding and o*_V.
+
+Method: ../shared/perfusion-method.md (sections "Training", "Key-locking", "Multiple concepts").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.util import instantiate_from_config
+from perfusion.concept_file import Concept, check_concepts_compatible, load_concept, save_concept
+from perfusion.covariance import c_inv_hash, load_c_inv
+from perfusion.roe import EditState, edited_layers, swap_cross_attention_projections
+
+TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
+# Keys of a Lightning checkpoint that hold the concept's training state; the frozen base model is not saved
+# there (it is rebuilt from the base checkpoint), which keeps resume checkpoints small.
+CONCEPT_STATE_MARKERS = ("embedding_manager.", ".target_output", "target_input", "superclass_input",
+                         "targets_initialized")
+
+
+def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-pixel squared error weighted by the concept's soft mask at latent resolution, mean over the batch.
+
+    mask: (B, H, W) in [0, 1] at image resolution; it is area-resized to the latent grid. Each sample is the
+    weighted mean of its squared error, so samples with small masks weigh the same as those with large ones.
+    """
+    weight = F.interpolate(mask[:, None].float(), size=prediction.shape[-2:], mode="area")
+    squared = (prediction.float() - target.float()).pow(2) * weight
+    per_sample = squared.sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * prediction.shape[1]).clamp_min(1e-8)
+    return per_sample.mean()
+
+
+def base_model_family(text_encoder) -> str:
+    name = type(text_encoder).__name__
+    return {"FrozenCLIPEmbedder": "sd1", "FrozenOpenCLIPEmbedder": "sd2"}.get(name, name)
+
+
+def text_encoder_name(text_encoder) -> str:
+    version = getattr(text_encoder, "arch", None) or getattr(text_encoder, "version", "")
+    return f"{type(text_encoder).__name__}:{version}:width={text_encoder.width}"
+
+
+class Perfusion(LatentDiffusion):
+    def __init__(self, personalization_config, C_inv_path: str | None = None, beta: float = TRAIN_BETA,
+                 tau: float = TRAIN_TAU, target_input_momentum: float = 0.99,
+                 embedding_learning_rate: float = 0.006, target_output_learning_rate: float = 0.03,
+                 sample_steps: int = 50, sample_scale: float = 6.0, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # builds the base model and loads its checkpoint (ckpt_path)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
+        self.edit_state = EditState(beta=beta, tau=tau)
+        swap_cross_attention_projections(self.model.diffusion_model, self.edit_state)
+        self.target_input_momentum = target_input_momentum
+        self.embedding_learning_rate = embedding_learning_rate
+        self.target_output_learning_rate = target_output_learning_rate
+        self.sample_steps, self.sample_scale = sample_steps, sample_scale
+        self.train_beta, self.train_tau = beta, tau
+        width = self.cond_stage_model.width
+        self.register_buffer("target_input", torch.zeros(width))
+        self.register_buffer("superclass_input", torch.zeros(width))
+        self.register_buffer("targets_initialized", torch.tensor(False))
+        self.c_inv_path = C_inv_path
+        self.c_inv_hash = None
+        if C_inv_path is not None:
+            c_inv = load_c_inv(C_inv_path, expected_dim=width)
+            self.c_inv_hash = c_inv_hash(c_inv)
+            self.register_buffer("c_inv", c_inv.float(), persistent=False)
+        self.strict_loading = False  # Lightning checkpoints hold only the concept state (see on_save_checkpoint)
+
+    # ----- edited layers ------------------------------------------------------------------------------------
+    @property
+    def value_layers(self):
+        return edited_layers(self.model.diffusion_model, "value")
+
+    @property
+    def key_layers(self):
+        return edited_layers(self.model.diffusion_model, "key")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.embedding_manager.embeddings] + [layer.target_output for layer in self.value_layers.values()]
+
+    # ----- text side ----------------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.cond_stage_model.tokenize(list(prompts)).to(self.device)
+
+    def get_learned_conditioning(self, prompts):
+        """Encode prompts with the learned placeholder embeddings inserted."""
+        return self.cond_stage_model.encode_tokens(self.tokenize(prompts), embedding_hook=self.embedding_manager)
+
+    def _reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over data-parallel ranks, so that every rank holds the same concept statistics."""
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            return trainer.strategy.reduce(tensor, reduce_op="mean")
+        return tensor
+
+    @torch.no_grad()
+    def initialize_targets(self, superclass_prompts: Sequence[str], positions: torch.Tensor,
+                           concept_encodings: torch.Tensor) -> None:
+        """First batch, on every rank: i_super (locks o*_K = W_K i_super, initialises o*_V) and i*."""
+        tokens = self.tokenize(superclass_prompts)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        superclass_encodings = self.cond_stage_model.encode_tokens(tokens)[rows, positions]
+        self.superclass_input.copy_(self._reduce_mean(superclass_encodings.float().mean(0)))
+        self.target_input.copy_(self._reduce_mean(concept_encodings.float().mean(0)))
+        for layer in edited_layers(self.model.diffusion_model).values():
+            layer.initialize_targets(self.superclass_input)
+        self.targets_initialized.fill_(True)
+
+    @torch.no_grad()
+    def update_target_input(self, concept_encodings: torch.Tensor) -> None:
+        """i* <- m i* + (1 - m) mean_batch(e_concept)."""
+        batch_mean = self._reduce_mean(concept_encodings.float().mean(0))
+        m = self.target_input_momentum
+        self.target_input.mul_(m).add_(batch_mean, alpha=1 - m)
+
+    def apply_training_targets(self) -> None:
+        """Single-concept edit state from the current i* (training and training-time sampling)."""
+        if not hasattr(self, "c_inv"):
+            raise RuntimeError("training needs C^-1: set model.params.C_inv_path (see data/estimate_C_inv.py)")
+        self.edit_state.set_targets(self.target_input[None], (self.c_inv @ self.target_input)[None])
+        self.edit_state.set_gating(self.train_beta, self.train_tau)
+
+    # ----- training ----------------------------------------------------------------------------------------
+    def shared_step(self, batch):
+        x = self.get_input(batch, self.first_stage_key).to(self.device)
+        with torch.no_grad():
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        prompts = list(batch[self.cond_stage_key])
+        tokens = self.tokenize(prompts)
+        positions = self.embedding_manager.concept_positions(tokens)
+        c = self.cond_stage_model.encode_tokens(tokens, embedding_hook=self.embedding_manager)
+        rows = torch.arange(c.shape[0], device=c.device)
+        concept_encodings = c[rows, positions].detach()
+        if not bool(self.targets_initialized):
+            self.initialize_targets(list(batch["caption_superclass"]), positions, concept_encodings)
+        self.update_target_input(concept_encodings)
+        self.apply_training_targets()
+        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device).long()
+        noise = torch.randn_like(z)
+        prediction = self.apply_model(self.q_sample(z, t, noise), t, c)
+        target = self.diffusion_target(z, noise, t)
+        mask = batch.get("mask")
+        mask = torch.ones(z.shape[0], *x.shape[-2:], device=self.device) if mask is None else mask.to(self.device)
+        loss = masked_diffusion_loss(prediction, target, mask)
+        return loss, {"train/loss": loss.detach(), "train/loss_simple": self.get_loss(prediction, target).detach(),
+                      "train/embedding_norm": self.embedding_manager.embeddings.detach().norm()}
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.shared_step(batch)
+        self.log_dict(logs, prog_bar=False, logger=True, on_step=True, on_epoch=False,
+                      batch_size=len(batch[self.cond_stage_key]))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True,
+                 batch_size=len(batch[self.cond_stage_key]))
+        return loss
+
+    def configure_optimizers(self):
+        values = [layer.target_output for layer in self.value_layers.values()]
+        return torch.optim.AdamW([
+            {"params": [self.embedding_manager.embeddings], "lr": self.embedding_learning_rate},
+            {"params": values, "lr": self.target_output_learning_rate},
+        ])
+
+    def on_save_checkpoint(self, checkpoint):
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if not any(marker in k for marker in CONCEPT_STATE_MARKERS)]:
+            del state[key]
+
+    def concept_state_vector(self) -> torch.Tensor:
+        """Everything a concept consists of, flattened (to compare ranks or runs)."""
+        parts = [self.embedding_manager.embeddings, self.target_input, self.superclass_input]
+        parts += [layer.target_output for layer in edited_layers(self.model.diffusion_model).values()]
+        return torch.cat([p.detach().float().flatten() for p in parts])
+
+    # ----- concept files -----------------------------------------------------------------------------------
+    def concept_metadata(self) -> dict:
+        return {
+            "base_model": base_model_family(self.cond_stage_model),
+            "text_encoder": text_encoder_name(self.cond_stage_model),
+            "placeholder": self.embedding_manager.placeholder_strings[0],
+            "superclass": (self.embedding_manager.initializer_words or [""])[0],
+            "c_inv_hash": self.c_inv_hash,
+            "beta": 0.7, "tau": 0.15, "train_beta": self.train_beta, "train_tau": self.train_tau,
+            "training_steps": int(self.global_step) if self._trainer is not None else 0,
+        }
+
+    @torch.no_grad()
+    def save_concept_file(self, path: str | Path) -> str:
+        if not bool(self.targets_initialized):
+            raise RuntimeError("no concept to save yet: the targets are initialised on the first training batch")
+        return save_concept(
+            path,
+            value_outputs={name: layer.target_output[0] for name, layer in self.value_layers.items()},
+            embedding=self.embedding_manager.embeddings[0],
+            target_input=self.target_input,
+            c_inv_target_input=self.c_inv @ self.target_input,
+            superclass_input=self.superclass_input,
+            metadata=self.concept_metadata(),
+        )
+
+    @torch.no_grad()
+    def load_concepts(self, concepts: Sequence[Concept | str | Path], beta=0.7, tau=0.15,
+                      placeholders: Sequence[str] | None = None) -> list[Concept]:
+        """Install K concepts for inference (K = 1 included). No C^-1 needed: the files carry C^-1 i*.
+
+        ``placeholders`` renames the concepts' placeholder strings (needed when two files share one).
+        """
+        names = [str(c) if not isinstance(c, Concept) else f"concept {i + 1}" for i, c in enumerate(concepts)]
+        concepts = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
+        check_concepts_compatible(concepts, names)
+        family = base_model_family(self.cond_stage_model)
+        values = self.value_layers
+        for name, concept in zip(names, concepts):
+            if concept.metadata.get("base_model") != family:
+                raise ValueError(f"{name} was trained on base model '{concept.metadata.get('base_model')}' but "
+                                 f"this model is '{family}'; use the matching --config/--ckpt")
+            if list(concept.value_outputs) != list(values):
+                raise ValueError(f"{name} edits {len(concept.value_outputs)} value layers that do not match this "
+                                 f"UNet's {len(values)} cross-attention layers (another architecture?)")
+        placeholders = list(placeholders or [c.metadata["placeholder"] for c in concepts])
+        device = self.device
+        self.embedding_manager.set_embeddings(torch.stack([c.embedding for c in concepts]).to(device),
+                                              placeholders, self.cond_stage_model)
+        for name, layer in values.items():
+            layer.set_target_outputs(torch.stack([c.value_outputs[name] for c in concepts]).to(device))
+        superclass = torch.stack([c.superclass_input for c in concepts]).to(device)
+        for layer in self.key_layers.values():
+            layer.initialize_targets(superclass)
+        self.edit_state.set_targets(torch.stack([c.target_input for c in concepts]).to(device),
+                                    torch.stack([c.c_inv_target_input for c in concepts]).to(device))
+        self.edit_state.set_gating(beta, tau)
+        return concepts
+
+    # ----- images for the logger ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def log_images(self, batch, N: int = 4, sample: bool = True, ddim_steps: int | None = None, **kwargs):
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        N = min(N, len(batch[self.cond_stage_key]))
+        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x))
+        log = {"inputs": x, "reconstruction": self.decode_first_stage(z)}
+        if "mask" in batch:
+            log["mask"] = batch["mask"][:N, None].to(self.device).float().mul(2).sub(1).expand(-1, 3, -1, -1)
+        if not sample or not bool(self.targets_initialized):
+            return log
+        self.apply_training_targets()
+        prompts = list(batch[self.cond_stage_key])[:N]
+        c = self.get_learned_conditioning(prompts)
+        uc = self.get_learned_conditioning([""] * N)
+        sampler = DDIMSampler(self)
+        steps = ddim_steps or self.sample_steps
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        x_T = torch.randn(z.shape, generator=generator, device=self.device)
+        for label, scale in (("samples", 1.0), (f"samples_scale{self.sample_scale:g}", self.sample_scale)):
+            latents, _ = sampler.sample(S=steps, batch_size=N, shape=z.shape[1:], conditioning=c, x_T=x_T,
+                                        unconditional_conditioning=uc, unconditional_guidance_scale=scale,
+                                        verbose=False)
+            log[label] = self.decode_first_stage(latents)
+        return log

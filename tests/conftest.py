@@ -1,0 +1,48 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+class TinyWorld:
+    """A tiny SD1-structured base checkpoint, the C^-1 of its text encoder, and a toy concept folder."""
+
+    def __init__(self, root: Path, family: str = "sd1"):
+        from ldm.testing import write_tiny_checkpoint
+        from perfusion.toy_world import write_toy_c_inv, write_toy_concept_images
+
+        self.root = root
+        self.family = family
+        self.ckpt = root / f"tiny-{family}.safetensors"
+        self.base_model = write_tiny_checkpoint(self.ckpt, family, seed=11)
+        self.c_inv = write_toy_c_inv(self.base_model.cond_stage_model, root / f"C_inv_{family}.npy")
+        self.data_root = root / "teddy"
+        write_toy_concept_images(self.data_root, n=4, size=32, seed=5)
+        self.base_config = Path(f"configs/tiny/{family}-tiny.yaml")
+
+    def perfusion_config(self, **overrides):
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.merge(OmegaConf.load(self.base_config), OmegaConf.load("configs/tiny/perfusion-tiny.yaml"))
+        config.model.params.ckpt_path = str(self.ckpt)
+        config.model.params.C_inv_path = str(self.c_inv)
+        config.data.params.train.params.data_root = str(self.data_root)
+        for key, value in overrides.items():
+            OmegaConf.update(config, key, value)
+        return config
+
+    def cli_overrides(self):
+        return [f"model.params.ckpt_path={self.ckpt}", f"model.params.C_inv_path={self.c_inv}",
+                f"data.params.train.params.data_root={self.data_root}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    return TinyWorld(tmp_path_factory.mktemp("tiny_world"))

@@ -1,0 +1,134 @@
+"""The Perfusion module in process: what trains, the masked loss, concept files and their size."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+from perfusion.concept_file import load_concept, save_concept
+from perfusion.embedding_manager import PlaceholderError
+from perfusion.perfusion import masked_diffusion_loss
+from perfusion.roe import EditState, edited_layers, swap_cross_attention_projections
+
+
+def _batch(dataset, n=2):
+    items = [dataset[i] for i in range(n)]
+    return {k: (torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items])
+            for k in items[0]}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world):
+    """A tiny Perfusion model after 6 optimizer steps on one fixed batch (fixed noise and timesteps)."""
+    config = tiny_world.perfusion_config()
+    model = instantiate_from_config(config.model)
+    dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
+        "placeholder_token": "*", "superclass": "teddy", "flip_p": 0.0}}))
+    batch = _batch(dataset)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = model.configure_optimizers()
+    model.train()
+    losses = []
+    for _ in range(6):
+        torch.manual_seed(0)
+        loss, _ = model.shared_step(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        losses.append(model.shared_step(batch)[0].item())
+    return model.eval(), before, losses, batch
+
+
+def test_masked_loss_on_fixed_batch_decreases(trained):
+    _, _, losses, _ = trained
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+def test_only_embedding_and_value_outputs_are_trained(trained):
+    model, before, _, _ = trained
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    values = {n for n in trainable if n.endswith("attn2.to_v.target_output")}
+    assert trainable == {"embedding_manager.embeddings"} | values
+    assert len(values) == len(edited_layers(model.model.diffusion_model, "value")) == 7
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    statistics = {"target_input", "superclass_input", "targets_initialized"}
+    key_targets = {k for k in before if k.endswith("to_k.target_output")}
+    # Key outputs are set once (locked to W_K i_super) by the first batch, then never change.
+    assert changed - statistics - key_targets == {"embedding_manager.embeddings"} | values
+    for name, layer in edited_layers(model.model.diffusion_model, "key").items():
+        torch.testing.assert_close(layer.target_output[0], layer.weight @ model.superclass_input, rtol=0, atol=1e-6)
+        assert layer.target_output.grad is None and layer.weight.grad is None
+
+
+def test_masked_loss_ignores_pixels_outside_the_mask():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.zeros(2, 32, 32)
+    mask[:, :, :16] = 1.0  # left half of the image = left half of the latent
+    loss = masked_diffusion_loss(pred, target, mask)
+    expected = (pred - target)[..., :4].pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+    pred2 = pred.clone()
+    pred2[..., 4:] += 10.0  # errors outside the mask do not count
+    torch.testing.assert_close(masked_diffusion_loss(pred2, target, mask), loss)
+    torch.testing.assert_close(masked_diffusion_loss(pred, target, torch.ones(2, 32, 32)), (pred - target).pow(2).mean())
+
+
+def test_concept_file_reloads_into_an_inference_model_with_identical_unet_outputs(trained, tiny_world, tmp_path):
+    model, _, _, batch = trained
+    path = model.save_concept_file(tmp_path / "teddy.safetensors")
+    concept = load_concept(path)
+    assert concept.metadata["placeholder"] == "*" and concept.metadata["superclass"] == "teddy"
+    assert concept.metadata["c_inv_hash"] == model.c_inv_hash
+    assert concept.target_input.shape == (32,) and len(concept.value_outputs) == 7
+
+    inference_config = tiny_world.perfusion_config(**{
+        "model.params.C_inv_path": None, "model.params.personalization_config.params.initializer_words": []})
+    fresh = instantiate_from_config(inference_config.model).eval()
+    fresh.load_concepts([path], beta=model.train_beta, tau=model.train_tau)
+    model.apply_training_targets()
+
+    prompts = ["a photo of a * on the beach", "a painting of a *"]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([10, 600])
+    with torch.no_grad():
+        c_trained, c_fresh = model.get_learned_conditioning(prompts), fresh.get_learned_conditioning(prompts)
+        torch.testing.assert_close(c_fresh, c_trained, rtol=0, atol=1e-6)
+        expected = model.apply_model(x, t, c_trained)
+        got = fresh.apply_model(x, t, c_fresh)
+        plain = fresh.apply_model(x, t, fresh.cond_stage_model.encode(["a photo of a teddy on the beach"] * 2))
+    assert (expected - plain).abs().max() > 1e-4  # the concept changes the prediction
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_sd15_concept_file_is_at_most_64_kb(tmp_path):
+    config = OmegaConf.load("configs/stable-diffusion/v1-inference.yaml").model.params
+    with torch.device("meta"):
+        unet = instantiate_from_config(config.unet_config)
+    layers = swap_cross_attention_projections(unet, EditState())
+    values = {n: torch.randn(l.out_features) for n, l in layers.items() if l.role == "value"}
+    assert len(values) == 16 and sum(v.numel() for v in values.values()) == 12_480
+    dim = 768
+    path = save_concept(tmp_path / "sd15.safetensors", value_outputs=values, embedding=torch.randn(dim),
+                        target_input=torch.randn(dim), c_inv_target_input=torch.randn(dim),
+                        superclass_input=torch.randn(dim),
+                        metadata={"base_model": "sd1", "text_encoder": "FrozenCLIPEmbedder:openai/clip-vit-large-patch14",
+                                  "placeholder": "*", "superclass": "teddy", "c_inv_hash": "0" * 16,
+                                  "beta": 0.7, "tau": 0.15, "training_steps": 400})
+    size = os.path.getsize(path)
+    print(f"\nSD1.5 concept file: {size} bytes ({size / 1024:.1f} KiB), payload {15_552 * 4} bytes")
+    assert size <= 64 * 1024
+
+
+def test_multi_token_initializer_word_is_refused_with_the_word_named(tiny_world):
+    config = tiny_world.perfusion_config(**{
+        "model.params.personalization_config.params.initializer_words": ["teddybearishness"]})
+    with pytest.raises(PlaceholderError, match="teddybearishness.*exactly one"):
+        instantiate_from_config(config.model)

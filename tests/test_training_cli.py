@@ -1,0 +1,106 @@
+"""`python main.py ... -t` on the tiny world, in subprocesses: outputs, concept files, resume, DDP, bad inputs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from perfusion.concept_file import load_concept
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_BASES = ["configs/tiny/sd1-tiny.yaml", "configs/tiny/perfusion-tiny.yaml"]
+
+
+def run_main(args, cwd=REPO, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "main.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    return result
+
+
+def only_logdir(basedir: Path) -> Path:
+    dirs = [d for d in basedir.iterdir() if d.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture(scope="module")
+def training_run(tiny_world, tmp_path_factory):
+    basedir = tmp_path_factory.mktemp("runs")
+    result = run_main(["--name", "toy", "--base", *TINY_BASES, "--basedir", str(basedir), "-t", "True",
+                       *tiny_world.cli_overrides()])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return basedir, only_logdir(basedir), result
+
+
+def test_training_writes_events_images_checkpoints_and_concepts(training_run):
+    basedir, logdir, result = training_run
+    assert list((logdir / "tensorboard").glob("events.out.tfevents.*"))
+    images = {p.name.split("_gs-")[0] for p in (logdir / "images" / "train").glob("*.png")}
+    assert {"inputs", "reconstruction", "mask", "samples", "samples_scale6"} <= images
+    assert (logdir / "checkpoints" / "last.ckpt").is_file()
+    # Lightning checkpoints hold the concept state only, not the frozen base model.
+    state = torch.load(logdir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    assert all(("target_output" in k) or k.startswith("embedding_manager") or k in
+               ("target_input", "superclass_input", "targets_initialized") for k in state["state_dict"])
+    assert {"step000002", "step000004"} <= {p.stem.split("-")[-1] for p in (logdir / "concepts").glob("toy-*.safetensors")}
+    final = basedir / "toy.safetensors"
+    concept = load_concept(final)
+    assert concept.metadata["training_steps"] == 4
+    assert os.path.getsize(final) < 8 * 1024
+    assert len(list((logdir / "configs").glob("*-project.yaml"))) == 1
+    # the progress bar counts optimizer steps toward max_steps
+    assert "optimizer steps" in result.stderr and "4/4" in result.stderr
+
+
+def test_tensorboard_has_the_loss_scalars(training_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, logdir, _ = training_run
+    events = EventAccumulator(str(logdir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_simple", "train/embedding_norm"} <= tags
+    assert len(events.Scalars("train/loss")) == 4
+
+
+def test_resume_continues_the_step_count(training_run, tiny_world):
+    basedir, logdir, _ = training_run
+    result = run_main(["-r", str(logdir), "-t", "True", "--basedir", str(basedir), "lightning.trainer.max_steps=6"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = torch.load(logdir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6
+    assert load_concept(logdir / "concepts" / "toy.safetensors").metadata["training_steps"] == 6
+    assert "5/6" in result.stderr or "6/6" in result.stderr
+
+
+def test_two_process_cpu_ddp_ends_with_identical_concepts_on_both_ranks(tiny_world, tmp_path):
+    result = run_main(["--name", "ddp", "--base", *TINY_BASES, "--basedir", str(tmp_path), "-t", "True",
+                       *tiny_world.cli_overrides(), "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",
+                       "lightning.trainer.max_steps=2", "lightning.callbacks.image_logger.params.batch_frequency=100"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((only_logdir(tmp_path) / "concepts" / "rank_agreement.json").read_text())
+    assert report["world_size"] == 2 and report["numel"] > 300
+    assert report["max_abs_difference"] == 0.0
+
+
+def test_missing_base_checkpoint_says_where_to_get_it(tiny_world, tmp_path):
+    overrides = [o for o in tiny_world.cli_overrides() if "ckpt_path" not in o]
+    result = run_main(["--base", *TINY_BASES, "--basedir", str(tmp_path), "-t", "True", *overrides,
+                       f"model.params.ckpt_path={tmp_path / 'v1-5-pruned-emaonly.ckpt'}"])
+    assert result.returncode != 0
+    assert "base checkpoint not found" in result.stderr and "huggingface.co" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_c_inv_says_how_to_make_it(tiny_world, tmp_path):
+    overrides = [o for o in tiny_world.cli_overrides() if "C_inv_path" not in o]
+    result = run_main(["--base", *TINY_BASES, "--basedir", str(tmp_path), "-t", "True", *overrides,
+                       f"model.params.C_inv_path={tmp_path / 'C_inv.npy'}"])
+    assert result.returncode != 0
+    assert "C^-1 file not found" in result.stderr and "data/estimate_C_inv.py" in result.stderr
+    assert "Traceback" not in result.stderr
