@@ -218,3 +218,26 @@ def check_concepts_compatible(concepts: List[Concept], names: List[str] = None) 
         if concept.target_input.shape != first.target_input.shape:
             raise ValueError(f"{name} has text dimension {concept.target_input.shape[0]}, "
                              f"{names[0]} has {first.target_input.shape[0]}")
+
+
+def check_target_inputs_independent(concepts: List[Concept], names: List[str] = None,
+                                    max_condition: float = 1e6) -> None:
+    """K concepts are edited jointly through G = A^T I (K x K); it must be well conditioned.
+
+    The same concept given twice (or two concepts with the same i*) makes G singular.
+    """
+    if len(concepts) < 2:
+        return
+    names = names or [f"concept {i + 1}" for i in range(len(concepts))]
+    targets = torch.stack([c.target_input.double() for c in concepts])
+    c_inv_targets = torch.stack([c.c_inv_target_input.double() for c in concepts])
+    gram = c_inv_targets @ targets.T
+    eigenvalues = torch.linalg.eigvalsh(0.5 * (gram + gram.T))
+    if eigenvalues[0] <= 0 or eigenvalues[-1] / eigenvalues[0] > max_condition:
+        normalized = targets / targets.norm(dim=1, keepdim=True)
+        cosine = normalized @ normalized.T
+        cosine.fill_diagonal_(-1)
+        j, k = divmod(int(cosine.argmax()), len(concepts))
+        raise ValueError(f"{names[j]} and {names[k]} have nearly the same target input i* (cosine "
+                         f"{float(cosine[j, k]):.6f}): the concepts cannot be told apart. Is the same concept "
+                         "file given twice?")

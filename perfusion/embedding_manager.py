@@ -60,9 +60,13 @@ class EmbeddingManager(nn.Module):
         else:  # inference: values come from concept files
             initial = torch.zeros(len(ids), table.shape[1])
         self.embeddings = nn.Parameter(initial)
+        # Without initializer words the vectors are placeholders for concept files: inactive until loaded.
+        self.active = bool(initializer_words)
 
     def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
         """Replace the embedding of every placeholder token by its learned vector (differentiably)."""
+        if not self.active:
+            return token_embeds
         out = token_embeds
         for k, token_id in enumerate(self.placeholder_token_ids.tolist()):
             where = (tokens == token_id).unsqueeze(-1)
@@ -87,3 +91,4 @@ class EmbeddingManager(nn.Module):
         self.placeholder_token_ids = torch.tensor(ids, dtype=torch.long, device=self.embeddings.device)
         self.embeddings = nn.Parameter(embeddings.detach().clone().to(self.embeddings.device).float(),
                                        requires_grad=self.embeddings.requires_grad)
+        self.active = True

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import instantiate_from_config
-from perfusion.concept_file import Concept, check_concepts_compatible, load_concept, save_concept
+from perfusion.concept_file import (Concept, check_concepts_compatible, check_target_inputs_independent, load_concept,
+                                    save_concept)
 from perfusion.covariance import c_inv_hash, load_c_inv
 from perfusion.roe import EditState, edited_layers, swap_cross_attention_projections
 
@@ -82,6 +83,9 @@ class Perfusion(LatentDiffusion):
     @property
     def key_layers(self):
         return edited_layers(self.model.diffusion_model, "key")
+
+    def keys_not_in_base_checkpoint(self) -> set[str]:
+        return {f"model.diffusion_model.{name}.target_output" for name in edited_layers(self.model.diffusion_model)}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.embedding_manager.embeddings] + [layer.target_output for layer in self.value_layers.values()]
@@ -215,6 +219,7 @@ class Perfusion(LatentDiffusion):
         names = [str(c) if not isinstance(c, Concept) else f"concept {i + 1}" for i, c in enumerate(concepts)]
         concepts = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
         check_concepts_compatible(concepts, names)
+        check_target_inputs_independent(concepts, names)
         family = base_model_family(self.cond_stage_model)
         values = self.value_layers
         for name, concept in zip(names, concepts):

@@ -28,8 +28,8 @@ class DDIMSampler:
     # ----- schedule -------------------------------------------------------------------------------------------
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = False):
-        if not 0 < ddim_num_steps <= self.num_ddpm_timesteps:
-            raise ValueError(f"steps must be between 1 and {self.num_ddpm_timesteps}, got {ddim_num_steps}")
+        if not 0 < ddim_num_steps < self.num_ddpm_timesteps:  # timesteps are shifted by +1
+            raise ValueError(f"steps must be between 1 and {self.num_ddpm_timesteps - 1}, got {ddim_num_steps}")
         self.ddim_timesteps = make_ddim_timesteps(ddim_num_steps, self.num_ddpm_timesteps, ddim_discretize)
         alphas_cumprod = self.model.alphas_cumprod.detach().double().cpu()
         alphas = alphas_cumprod[self.ddim_timesteps]

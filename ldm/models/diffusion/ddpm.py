@@ -213,12 +213,17 @@ class DDPM(pl.LightningModule):
         check_checkpoint_matches(own, state, path)
         missing, unexpected = target.load_state_dict(state, strict=False)
         prefixes = ("diffusion_model.",) if only_model else BACKBONE_PREFIXES
-        missing_backbone = [k for k in missing if k.startswith(prefixes)]
+        added = self.keys_not_in_base_checkpoint()
+        missing_backbone = [k for k in missing if k.startswith(prefixes) and k not in added]
         if missing_backbone:
             raise CheckpointError(
                 f"checkpoint {path} lacks {len(missing_backbone)} backbone weights, e.g. {missing_backbone[:3]}; "
                 "is it a full Stable Diffusion checkpoint (UNet, VAE and text encoder)?")
         return missing, unexpected
+
+    def keys_not_in_base_checkpoint(self) -> set[str]:
+        """State-dict keys a subclass adds on top of the base model (never in an SD checkpoint)."""
+        return set()
 
     @contextmanager
     def ema_scope(self, context: str | None = None):

@@ -1,0 +1,324 @@
+"""Generate images with Perfusion concepts (or the plain base model).
+
+    python scripts/perfusion_txt2img.py --ddim_eta 0.0 --steps 50 --scale 6.0 --beta 0.7 --tau 0.15 \
+        --n_samples 4 --n_iter 1 --personalized_ckpt ./ckpt/teddy.safetensors --prompt "photo of a {}"
+
+``{}`` marks the concept in the prompt; with several concept files (``--personalized_ckpt a,b``) use ``{1}``,
+``{2}``, ... Each PNG records prompt, seed, sampler, steps, scale, beta, tau and concept files in its metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from PIL.PngImagePlugin import PngInfo  # noqa: E402
+
+SINGLE_BETA, MULTI_BETA, DEFAULT_TAU = 0.7, 0.6, 0.15
+# Single-token strings to rename placeholders to when two concept files share one.
+SPARE_PLACEHOLDERS = ["*", "&", "@", "$", "%", "#", "+", "=", "~", "^"]
+PLACEHOLDER_PATTERN = re.compile(r"\{(\d*)\}")
+FAMILY_OF_ENCODER = {"FrozenCLIPEmbedder": "sd1", "FrozenOpenCLIPEmbedder": "sd2"}
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported before any model loads."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", type=str, default="a photo of a {}", help="{} (or {1}, {2}, ...) marks concepts")
+    p.add_argument("--from-file", dest="from_file", type=str, default=None, help="prompts, one per line")
+    p.add_argument("--personalized_ckpt", type=str, default=None, help="concept file(s), comma separated")
+    p.add_argument("--beta", type=str, default=None,
+                   help=f"gate bias, one value or one per concept (default {SINGLE_BETA}; {MULTI_BETA} for several)")
+    p.add_argument("--tau", type=str, default=None, help=f"gate temperature, one or per concept (default {DEFAULT_TAU})")
+    p.add_argument("--global_locking", action="store_true", help="keys see the super-class prompt")
+    p.add_argument("--advanced_sampler", action="store_true", help="use the sgm sampler of --sampler_config")
+    p.add_argument("--sampler_config", type=str, default="configs/sampler/sampler.yaml")
+    p.add_argument("--denoiser_config", type=str, default="configs/denoiser/denoiser.yaml")
+    p.add_argument("--config", type=str, default="configs/perfusion_inference.yaml")
+    p.add_argument("--ckpt", type=str, default="ckpt/v1-5-pruned-emaonly.ckpt", help="base model checkpoint")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scale", type=float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--ddim_eta", type=float, default=0.0)
+    p.add_argument("--plms", action="store_true")
+    p.add_argument("--n_samples", type=int, default=4, help="images per prompt and iteration (batch size)")
+    p.add_argument("--n_iter", type=int, default=1)
+    p.add_argument("--n_rows", type=int, default=0, help="grid columns (default n_samples)")
+    p.add_argument("--H", type=int, default=512)
+    p.add_argument("--W", type=int, default=512)
+    p.add_argument("--C", type=int, default=4, help="latent channels")
+    p.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--fixed_code", action="store_true", help="same start noise for every iteration")
+    p.add_argument("--outdir", type=str, default="outputs/txt2img-samples")
+    p.add_argument("--skip_grid", action="store_true")
+    p.add_argument("--skip_save", action="store_true")
+    p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
+                   help="autocast: fp16 on CUDA (the CPU always runs fp32)")
+    p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    return p
+
+
+# ----- validation before any model loads ----------------------------------------------------------------------
+def parse_float_list(text: str | None, name: str, count: int, default: float) -> list[float]:
+    if text is None:
+        return [default] * max(count, 1)
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip() != ""]
+    except ValueError:
+        raise UsageError(f"--{name} '{text}': give a number or comma-separated numbers, e.g. --{name} 0.7,0.6")
+    if len(values) == 1:
+        return values * max(count, 1)
+    if len(values) != count:
+        raise UsageError(f"--{name} has {len(values)} values but {count} concept file(s) were given; "
+                         f"give one value or one per concept")
+    return values
+
+
+def concept_references(prompt: str) -> list[int]:
+    """1-based concept numbers a prompt refers to; ``{}`` is concept 1."""
+    return [int(n) if n else 1 for n in PLACEHOLDER_PATTERN.findall(prompt)]
+
+
+def check_prompts(prompts: list[str], n_concepts: int) -> None:
+    for prompt in prompts:
+        refs = concept_references(prompt)
+        if n_concepts == 0 and refs:
+            raise UsageError(f"prompt '{prompt}' has a concept placeholder but no --personalized_ckpt was given")
+        if refs and max(refs) > n_concepts:
+            raise UsageError(f"prompt '{prompt}' refers to concept {{{max(refs)}}} but only {n_concepts} concept "
+                             f"file(s) were given with --personalized_ckpt")
+        if "{}" in prompt and n_concepts > 1:
+            raise UsageError(f"prompt '{prompt}' uses {{}} but {n_concepts} concepts were given; "
+                             "use {1}, {2}, ... to say which concept goes where")
+        if n_concepts and not refs:
+            warnings.warn(f"prompt '{prompt}' has no {{}} placeholder: no concept will appear; generating the "
+                          f"plain prompt '{prompt}'")
+
+
+def config_family(config) -> str:
+    target = str(config.model.params.cond_stage_config.target)
+    return FAMILY_OF_ENCODER.get(target.rsplit(".", 1)[-1], target)
+
+
+def load_and_check_concepts(paths: list[str], config) -> list:
+    from perfusion.concept_file import check_concepts_compatible, check_target_inputs_independent, load_concept
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"concept file not found: {path} (train one with main.py; it writes "
+                             "<basedir>/<name>.safetensors)")
+    concepts = [load_concept(p) for p in paths]
+    family = config_family(config)
+    for path, concept in zip(paths, concepts):
+        if concept.metadata.get("base_model") != family:
+            other = "configs/perfusion_inference_sd_v2.yaml" if family == "sd1" else "configs/perfusion_inference.yaml"
+            raise UsageError(f"concept {path} was trained on base model '{concept.metadata.get('base_model')}' "
+                             f"but --config builds '{family}'; use --config {other} with the matching --ckpt")
+    try:
+        check_concepts_compatible(concepts, paths)
+        check_target_inputs_independent(concepts, paths)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    return concepts
+
+
+def distinct_placeholders(concepts) -> list[str]:
+    """Each concept's placeholder, renamed where two concepts share one."""
+    chosen: list[str] = []
+    for concept in concepts:
+        own = concept.metadata["placeholder"]
+        if own in chosen:
+            own = next(p for p in SPARE_PLACEHOLDERS if p not in chosen)
+        chosen.append(own)
+    return chosen
+
+
+def fill_prompt(prompt: str, words: list[str]) -> str:
+    """Replace {} / {n} by the n-th word (placeholder or super-class word)."""
+    return PLACEHOLDER_PATTERN.sub(lambda m: words[(int(m.group(1)) if m.group(1) else 1) - 1], prompt)
+
+
+# ----- model ------------------------------------------------------------------------------------------------------
+def load_model(config, ckpt: str, device: torch.device):
+    from ldm.util import instantiate_from_config
+
+    config.model.params.ckpt_path = None
+    model = instantiate_from_config(config.model)
+    model.init_from_ckpt(ckpt)
+    return model.to(device).eval()
+
+
+def make_sampler(opt, model):
+    if opt.advanced_sampler:
+        from sgm.sampling import build_sampler_and_denoiser, make_denoiser_fn
+
+        sampler, denoiser = build_sampler_and_denoiser(opt.sampler_config, opt.denoiser_config,
+                                                       parameterization=model.parameterization,
+                                                       num_steps=opt.steps, guidance_scale=opt.scale,
+                                                       device=str(model.device), verbose=True)
+        denoise = make_denoiser_fn(denoiser.to(model.device), model.apply_model)
+
+        def run(c, uc, x_T, generator):
+            return sampler(denoise, x_T, c, uc, generator=generator)
+
+        return run, type(sampler).__name__
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.plms import PLMSSampler
+
+    sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
+
+    def run(c, uc, x_T, generator):
+        samples, _ = sampler.sample(S=opt.steps, batch_size=x_T.shape[0], shape=x_T.shape[1:], conditioning=c,
+                                    unconditional_conditioning=uc, unconditional_guidance_scale=opt.scale,
+                                    eta=opt.ddim_eta, x_T=x_T, generator=generator, verbose=True)
+        return samples
+
+    return run, type(sampler).__name__
+
+
+def key_context_for_global_locking(model, superclass_prompts: list[str], uc, doubled_batch: bool):
+    """Keys see the super-class prompt (and the empty prompt for the unconditional half)."""
+    c_super = model.cond_stage_model.encode(superclass_prompts)
+    return torch.cat([uc, c_super]) if doubled_batch else c_super
+
+
+def to_images(model, samples) -> list[Image.Image]:
+    decoded = model.decode_first_stage(samples.float()).float().clamp(-1, 1)
+    arrays = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def png_info(fields: dict) -> PngInfo:
+    info = PngInfo()
+    for key, value in fields.items():
+        info.add_text(key, str(value))
+    return info
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def main(argv=None) -> int:
+    opt = get_parser().parse_args(argv)
+    try:
+        return generate(opt)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def generate(opt) -> int:
+    from omegaconf import OmegaConf
+
+    # Everything that can be checked without the model is checked first.
+    for flag, path in (("--config", opt.config), ("--ckpt", opt.ckpt)):
+        if not Path(path).is_file():
+            hint = (" Download SD weights into ./ckpt/ (see README, 'Where to put weights')." if flag == "--ckpt"
+                    else "")
+            raise UsageError(f"{flag} {path}: file not found.{hint}")
+    if opt.from_file:
+        if not Path(opt.from_file).is_file():
+            raise UsageError(f"--from-file {opt.from_file}: file not found")
+        prompts = [line.strip() for line in Path(opt.from_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--from-file {opt.from_file} holds no prompts")
+    else:
+        prompts = [opt.prompt]
+    if opt.H % opt.f or opt.W % opt.f:
+        raise UsageError(f"--H {opt.H} and --W {opt.W} must be multiples of --f {opt.f}")
+    config = OmegaConf.load(opt.config)
+    ddconfig = config.model.params.first_stage_config.params.get("ddconfig")
+    if ddconfig is not None and 2 ** (len(ddconfig.ch_mult) - 1) != opt.f:
+        raise UsageError(f"--f {opt.f}: the autoencoder of {opt.config} downsamples by "
+                         f"{2 ** (len(ddconfig.ch_mult) - 1)}; pass --f {2 ** (len(ddconfig.ch_mult) - 1)}")
+    paths = [p.strip() for p in opt.personalized_ckpt.split(",") if p.strip()] if opt.personalized_ckpt else []
+    check_prompts(prompts, len(paths))
+    concepts = load_and_check_concepts(paths, config) if paths else []
+    k = len(concepts)
+    betas = parse_float_list(opt.beta, "beta", k, MULTI_BETA if k > 1 else SINGLE_BETA)
+    taus = parse_float_list(opt.tau, "tau", k, DEFAULT_TAU)
+    if any(t <= 0 for t in taus):
+        raise UsageError(f"--tau must be > 0, got {opt.tau}")
+    if opt.plms and opt.ddim_eta != 0:
+        raise UsageError("--plms is deterministic: leave --ddim_eta at 0")
+    if opt.global_locking and not concepts:
+        raise UsageError("--global_locking needs --personalized_ckpt")
+
+    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(config, opt.ckpt, device)
+    placeholders = distinct_placeholders(concepts) if concepts else []
+    if concepts:
+        model.load_concepts(concepts, beta=betas, tau=taus, placeholders=placeholders)
+    if hasattr(model, "edit_state"):
+        model.edit_state.set_cache_outputs(True)
+    superclasses = [c.metadata.get("superclass") or c.metadata["placeholder"] for c in concepts]
+    run_sampler, sampler_name = make_sampler(opt, model)
+
+    outdir = Path(opt.outdir)
+    sample_dir = outdir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    base_count = len(list(sample_dir.glob("*.png")))
+    grid_count = len(list(outdir.glob("grid-*.png")))
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if opt.precision == "autocast" and device.type == "cuda"
+                else nullcontext())
+    shape = (opt.C, opt.H // opt.f, opt.W // opt.f)
+    generator = torch.Generator(device=device).manual_seed(opt.seed)
+    fixed_code = torch.randn((opt.n_samples, *shape), generator=generator, device=device) if opt.fixed_code else None
+    # Whether the UNet sees [uncond; cond] batches: DDIM/PLMS only when guiding, the sgm CFG guider always.
+    doubled_batch = opt.scale != 1.0 or opt.advanced_sampler
+    all_images = []
+    with torch.no_grad(), autocast:
+        for prompt in prompts:
+            text = fill_prompt(prompt, placeholders) if concepts else prompt
+            batch = [text] * opt.n_samples
+            c = model.get_learned_conditioning(batch)
+            uc = model.get_learned_conditioning([""] * opt.n_samples)
+            if opt.global_locking:
+                superclass_batch = [fill_prompt(prompt, superclasses)] * opt.n_samples
+                model.edit_state.set_key_context(key_context_for_global_locking(model, superclass_batch, uc, doubled_batch))
+            for iteration in range(opt.n_iter):
+                x_T = fixed_code if fixed_code is not None else torch.randn((opt.n_samples, *shape),
+                                                                            generator=generator, device=device)
+                samples = run_sampler(c, uc, x_T, generator)
+                images = to_images(model, samples)
+                fields = {"prompt": prompt, "text": text, "seed": opt.seed, "iteration": iteration,
+                          "sampler": sampler_name, "steps": opt.steps, "scale": opt.scale, "eta": opt.ddim_eta,
+                          "beta": ",".join(f"{b:g}" for b in betas) if concepts else "",
+                          "tau": ",".join(f"{t:g}" for t in taus) if concepts else "",
+                          "global_locking": opt.global_locking, "concepts": ",".join(paths),
+                          "base_checkpoint": opt.ckpt, "size": f"{opt.W}x{opt.H}"}
+                if not opt.skip_save:
+                    for image in images:
+                        image.save(sample_dir / f"{base_count:05d}.png", pnginfo=png_info(fields))
+                        base_count += 1
+                all_images.extend((image, fields) for image in images)
+            if opt.global_locking:
+                model.edit_state.set_key_context(None)
+    if not opt.skip_grid and all_images:
+        grid = make_grid([im for im, _ in all_images], opt.n_rows or opt.n_samples)
+        grid_fields = dict(all_images[0][1], prompts=" | ".join(prompts))
+        grid.save(outdir / f"grid-{grid_count:04d}.png", pnginfo=png_info(grid_fields))
+    print(f"Your samples are ready in {outdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Generation: the seed's command line on a tiny model, samplers, caching, global locking, several concepts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import instantiate_from_config
+from perfusion.concept_file import load_concept, save_concept
+from perfusion.roe import concept_gate, edited_layers, energy, similarity
+from scripts.perfusion_txt2img import distinct_placeholders, fill_prompt
+
+REPO = Path(__file__).resolve().parent.parent
+INFERENCE_CONFIG = "configs/tiny/perfusion-inference-sd1-tiny.yaml"
+TEMPLATE = "a photo of a {}"
+
+
+def _train_concept(tiny_world, path, superclass, data_seed, steps=3):
+    from perfusion.toy_world import write_toy_concept_images
+
+    data_root = tiny_world.root / f"data-{superclass}"
+    write_toy_concept_images(data_root, n=2, size=32, seed=data_seed)
+    config = tiny_world.perfusion_config(**{
+        "model.params.personalization_config.params.initializer_words": [superclass]})
+    model = instantiate_from_config(config.model)
+    # One caption template, so i* is the encoding of TEMPLATE's concept token (the tiny random text encoder,
+    # unlike CLIP, gives unrelated encodings for the same word in different contexts).
+    dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
+        "data_root": str(data_root), "placeholder_token": "*", "superclass": superclass, "seed": 0,
+        "templates": [TEMPLATE]}}))
+    items = [dataset[i] for i in range(2)]
+    batch = {k: (torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items])
+             for k in items[0]}
+    optimizer = model.configure_optimizers()
+    for _ in range(steps):
+        loss, _ = model.shared_step(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.save_concept_file(path)
+
+
+@pytest.fixture(scope="module")
+def concepts(tiny_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("concepts")
+    return (_train_concept(tiny_world, root / "teddy.safetensors", "teddy", 1),
+            _train_concept(tiny_world, root / "cat.safetensors", "cat", 2))
+
+
+@pytest.fixture(scope="module")
+def inference_model(tiny_world):
+    config = OmegaConf.load(INFERENCE_CONFIG)
+    model = instantiate_from_config(config.model)
+    model.init_from_ckpt(str(tiny_world.ckpt))
+    return model.eval()
+
+
+def run_txt2img(args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "scripts/perfusion_txt2img.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def seed_command(concept, ckpt, outdir, *extra):
+    return ["--ddim_eta", "0.0", "--steps", "4", "--scale", "6.0", "--beta", "0.7", "--tau", "0.15",
+            "--n_samples", "2", "--n_iter", "1", "--personalized_ckpt", str(concept), "--prompt", "photo of a {}",
+            "--config", INFERENCE_CONFIG, "--ckpt", str(ckpt), "--H", "32", "--W", "32", "--f", "4", "--outdir", str(outdir),
+            *extra]
+
+
+def test_seed_command_line_runs_end_to_end_and_is_reproducible(concepts, tiny_world, tmp_path):
+    first = run_txt2img(seed_command(concepts[0], tiny_world.ckpt, tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_txt2img(seed_command(concepts[0], tiny_world.ckpt, tmp_path / "b"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    files = sorted((tmp_path / "a" / "samples").glob("*.png"))
+    assert [f.name for f in files] == ["00000.png", "00001.png"]
+    assert (tmp_path / "a" / "grid-0000.png").is_file()
+    image = Image.open(files[0])
+    assert image.size == (32, 32)
+    meta = image.text
+    assert meta["prompt"] == "photo of a {}" and meta["text"] == "photo of a *"
+    assert meta["seed"] == "42" and meta["sampler"] == "DDIMSampler" and meta["steps"] == "4"
+    assert meta["scale"] == "6.0" and meta["beta"] == "0.7" and meta["tau"] == "0.15"
+    assert meta["concepts"] == str(concepts[0])
+    for a, b in zip(files, sorted((tmp_path / "b" / "samples").glob("*.png"))):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    pixels = np.asarray(image).astype(float)
+    assert pixels.std() > 1.0  # not a blank image
+
+
+@pytest.mark.parametrize("extra", [["--plms"], ["--advanced_sampler"], ["--ddim_eta", "1.0", "--scale", "1.0"]])
+def test_other_samplers_write_finite_images_of_the_right_size(concepts, tiny_world, tmp_path, extra):
+    args = seed_command(concepts[0], tiny_world.ckpt, tmp_path)
+    args = [a for a in args if a not in ("--ddim_eta", "0.0")] + extra if "--ddim_eta" in extra else args + extra
+    result = run_txt2img(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = sorted((tmp_path / "samples").glob("*.png"))
+    assert len(images) == 2 and all(Image.open(p).size == (32, 32) for p in images)
+    assert np.asarray(Image.open(images[0])).std() > 1.0
+
+
+def _sample(model, sampler_kind, steps, x_T, c, uc, scale=3.0):
+    if sampler_kind == "ddim":
+        out, _ = DDIMSampler(model).sample(S=steps, batch_size=x_T.shape[0], shape=x_T.shape[1:], conditioning=c,
+                                           unconditional_conditioning=uc, unconditional_guidance_scale=scale,
+                                           x_T=x_T, verbose=False)
+        return out
+    from sgm.sampling import build_sampler_and_denoiser, make_denoiser_fn
+
+    sampler, denoiser = build_sampler_and_denoiser("configs/sampler/sampler.yaml", "configs/denoiser/denoiser.yaml",
+                                                   parameterization=model.parameterization, num_steps=steps,
+                                                   guidance_scale=scale, verbose=False)
+    return sampler(make_denoiser_fn(denoiser, model.apply_model), x_T, c, uc)
+
+
+@torch.no_grad()
+def test_edm_euler_with_many_steps_approaches_ddim(inference_model, concepts):
+    model = inference_model
+    model.load_concepts([concepts[0]])
+    c = model.get_learned_conditioning(["a photo of a *"] * 2)
+    uc = model.get_learned_conditioning([""] * 2)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    model.edit_state.set_cache_outputs(True)
+    ddim = _sample(model, "ddim", 100, x_T, c, uc)
+    euler = _sample(model, "euler", 100, x_T, c, uc)
+    few_steps = _sample(model, "euler", 5, x_T, c, uc)
+    model.edit_state.set_cache_outputs(False)
+    relative = ((euler - ddim).norm() / ddim.norm()).item()
+    coarse = ((few_steps - ddim).norm() / ddim.norm()).item()
+    print(f"\nEDM Euler vs DDIM (100 steps): relative difference {relative:.4f} (Euler 5 steps: {coarse:.4f})")
+    # Both integrate the same probability-flow ODE; they start from slightly different noise levels (DDIM's
+    # first step is t=991 here, the EDM discretization's 999), so the gap does not vanish, but stays small.
+    assert relative < 0.1 and relative < coarse / 2
+
+
+@torch.no_grad()
+def test_kv_cache_gives_identical_samples(inference_model, concepts):
+    model = inference_model
+    model.load_concepts([concepts[0]])
+    c = model.get_learned_conditioning(["a photo of a *"] * 2)
+    uc = model.get_learned_conditioning([""] * 2)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    model.edit_state.set_cache_outputs(False)
+    uncached = _sample(model, "ddim", 6, x_T, c, uc)
+    computed = []
+    layer = next(iter(edited_layers(model.model.diffusion_model, "value").values()))
+    original = layer._edited_forward
+    layer._edited_forward = lambda e: (computed.append(1), original(e))[1]
+    model.edit_state.set_cache_outputs(True)
+    cached = _sample(model, "ddim", 6, x_T, c, uc)
+    layer._edited_forward = original
+    model.edit_state.set_cache_outputs(False)
+    assert len(computed) == 1  # the text side was computed once for all 6 steps
+    assert (cached - uncached).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_global_locking_feeds_keys_the_superclass_prompt_and_values_the_concept_prompt(inference_model, concepts):
+    model = inference_model
+    model.load_concepts([concepts[0]], beta=0.5, tau=0.15)
+    concept_prompt = model.get_learned_conditioning(["a photo of a *"])
+    superclass_prompt = model.cond_stage_model.encode(["a photo of a teddy"])
+    key_name, key_layer = next(iter(edited_layers(model.model.diffusion_model, "key").items()))
+    value_layer = edited_layers(model.model.diffusion_model, "value")[key_name.replace("to_k", "to_v")]
+    local_keys, local_values = key_layer(concept_prompt), value_layer(concept_prompt)
+    model.edit_state.set_key_context(superclass_prompt)
+    global_keys, global_values = key_layer(concept_prompt), value_layer(concept_prompt)
+    model.edit_state.set_key_context(None)
+    torch.testing.assert_close(global_keys, superclass_prompt @ key_layer.weight.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(global_values, local_values, rtol=0, atol=0)
+    assert (global_keys - local_keys).abs().max() > 1e-4
+
+
+def test_global_locking_command_line(concepts, tiny_world, tmp_path):
+    result = run_txt2img(seed_command(concepts[0], tiny_world.ckpt, tmp_path / "g", "--global_locking"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = run_txt2img(seed_command(concepts[0], tiny_world.ckpt, tmp_path / "l"))
+    a = np.asarray(Image.open(tmp_path / "g" / "samples" / "00000.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "l" / "samples" / "00000.png")).astype(int)
+    assert Image.open(tmp_path / "g" / "samples" / "00000.png").text["global_locking"] == "True"
+    assert np.abs(a - b).max() > 0  # keys from the super-class prompt change the image
+
+
+@torch.no_grad()
+def test_two_concepts_each_placeholder_activates_its_own_gate(inference_model, concepts):
+    model = inference_model
+    loaded = [load_concept(p) for p in concepts]
+    placeholders = distinct_placeholders(loaded)
+    assert placeholders == ["*", "&"]  # both files use '*': the second is renamed
+    model.load_concepts(list(concepts), beta=0.6, tau=0.15, placeholders=placeholders)
+    state = model.edit_state
+    ids = model.embedding_manager.placeholder_token_ids.tolist()
+    for k in range(2):
+        prompt = fill_prompt(TEMPLATE.replace("{}", f"{{{k + 1}}}"), placeholders)
+        tokens = model.tokenize([prompt])[0]
+        encoding = model.get_learned_conditioning([prompt])[0]
+        gates = concept_gate(similarity(encoding, state.c_inv_target_inputs),
+                             energy(state.target_inputs, state.c_inv_target_inputs), state.beta, state.tau)
+        position = int((tokens == ids[k]).nonzero()[0])
+        print(f"\n'{prompt}': gates at the placeholder {gates[position].tolist()}, "
+              f"before it max {gates[:position].max(dim=0).values.tolist()}")
+        assert gates[position, k] > 0.9 and gates[position, 1 - k] < 0.1
+        # Tokens before the placeholder (which, causally, cannot see it) keep the base projection.
+        assert (gates[:position] < 0.5).all()
+
+
+@torch.no_grad()
+def test_one_concept_through_the_numbered_prompt_equals_the_single_form(concepts, tiny_world, tmp_path):
+    args = seed_command(concepts[0], tiny_world.ckpt, tmp_path / "single")
+    numbered = [a if a != "photo of a {}" else "photo of a {1}" for a in seed_command(concepts[0], tiny_world.ckpt,
+                                                                                         tmp_path / "numbered")]
+    assert run_txt2img(args).returncode == 0 and run_txt2img(numbered).returncode == 0
+    a = np.asarray(Image.open(tmp_path / "single" / "samples" / "00000.png"))
+    b = np.asarray(Image.open(tmp_path / "numbered" / "samples" / "00000.png"))
+    assert np.array_equal(a, b)
+
+
+def test_two_concepts_on_the_command_line(concepts, tiny_world, tmp_path):
+    args = seed_command(f"{concepts[0]},{concepts[1]}", tiny_world.ckpt, tmp_path)
+    args[args.index("photo of a {}")] = "photo of a {1} and a {2}"
+    args[args.index("--beta") + 1] = "0.6,0.65"
+    result = run_txt2img(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = Image.open(tmp_path / "samples" / "00000.png").text
+    assert meta["text"] == "photo of a * and a &" and meta["beta"] == "0.6,0.65"
+
+
+def _bad(args, tiny_world, tmp_path, concept):
+    base = seed_command(concept, tiny_world.ckpt, tmp_path)
+    for key, value in args.items():
+        if key in base:
+            base[base.index(key) + 1] = value
+        else:
+            base += [key, value]
+    return run_txt2img(base, timeout=120)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--prompt": "photo of {1} and {2}"}, "refers to concept {2} but only 1"),
+    ({"--beta": "0.6,0.7"}, "--beta has 2 values but 1 concept"),
+    ({"--tau": "0.1,0.2,0.3"}, "--tau has 3 values"),
+    ({"--personalized_ckpt": "missing.safetensors"}, "concept file not found: missing.safetensors"),
+    ({"--ckpt": "ckpt/nothere.ckpt"}, "--ckpt ckpt/nothere.ckpt: file not found"),
+])
+def test_bad_input_gives_one_clear_error_before_loading_the_model(change, message, concepts, tiny_world, tmp_path):
+    result = _bad(change, tiny_world, tmp_path, concepts[0])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "DDIMSampler" not in result.stderr
+
+
+def test_concept_of_another_base_family_is_refused(concepts, tiny_world, tmp_path):
+    concept = load_concept(concepts[0])
+    sd2 = save_concept(tmp_path / "sd2.safetensors", value_outputs=concept.value_outputs, embedding=concept.embedding,
+                       target_input=concept.target_input, c_inv_target_input=concept.c_inv_target_input,
+                       superclass_input=concept.superclass_input, metadata=dict(concept.metadata, base_model="sd2"))
+    result = _bad({}, tiny_world, tmp_path, sd2)
+    assert result.returncode == 2 and "trained on base model 'sd2'" in result.stderr
+    assert "perfusion_inference_sd_v2.yaml" in result.stderr
+
+
+def test_prompt_without_placeholder_warns_and_says_what_is_generated(concepts, tiny_world, tmp_path):
+    result = _bad({"--prompt": "a photo of a dog", "--steps": "1", "--n_samples": "1"}, tiny_world, tmp_path,
+                  concepts[0])
+    assert result.returncode == 0
+    assert "no {} placeholder" in result.stderr and "generating the plain prompt 'a photo of a dog'" in result.stderr
