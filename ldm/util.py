@@ -36,15 +36,18 @@ def get_obj_from_str(path: str, reload: bool = False):
 
 def instantiate_from_config(config: Mapping[str, Any] | Any, **extra_kwargs):
     """Build ``target(**params)`` from a ``{target: ..., params: {...}}`` mapping (dict or OmegaConf)."""
+    if isinstance(config, str) or not hasattr(config, "get"):
+        raise TypeError(f"expected a config mapping with a 'target' key, got {type(config).__name__}: {config!r}")
     if "target" not in config:
-        if config in ("__is_first_stage__", "__is_unconditional__"):
-            return None
-        raise KeyError(f"config has no 'target' key to instantiate: {dict(config) if hasattr(config, 'keys') else config}")
+        raise KeyError(f"config has no 'target' key (found keys {sorted(config)}); write it as "
+                       "{target: package.module.Class, params: {...}}")
     params = config.get("params", None) or {}
     if not isinstance(params, dict):
         from omegaconf import OmegaConf
 
         params = OmegaConf.to_container(params, resolve=True)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"'params' of {config['target']!r} must be a mapping, got {type(params).__name__}")
     return get_obj_from_str(config["target"])(**params, **extra_kwargs)
 
 
