@@ -17,6 +17,8 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import warnings
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -28,6 +30,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.util import instantiate_from_config
+
+# The frozen base model is in eval mode on purpose.
+warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
 
 BASE_WEIGHTS_HELP = {
     "v1-5": "https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.ckpt",
