@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.testing import build_tiny_model, tiny_config, write_tiny_checkpoint
+from ldm.testing import build_tiny_model, randomize_zero_parameters, tiny_config, write_tiny_checkpoint
 from ldm.util import CheckpointError, count_params, instantiate_from_config, load_model_from_config, load_state_dict
 
 PUBLISHED_UNET = {"v1": 859_520_964, "v2": 865_910_724}
@@ -131,3 +131,25 @@ def test_samplers_are_deterministic_finite_and_guided_in_one_call(family):
     assert torch.isfinite(p).all() and (p - a).abs().max() < 10 * a.abs().max()
     with pytest.raises(ValueError, match="eta"):
         PLMSSampler(model).sample(eta=0.5, **kwargs)
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    config = tiny_config("sd1").model.params.unet_config
+    torch.manual_seed(0)
+    plain = instantiate_from_config(config)
+    randomize_zero_parameters(plain, torch.Generator().manual_seed(1))  # else zero proj_out hides the context
+    config.params.use_checkpoint = True
+    checkpointed = instantiate_from_config(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, 32)
+    results = []
+    for unet in (plain, checkpointed):
+        unet.zero_grad()
+        ctx = context.clone().requires_grad_(True)
+        out = unet(x, torch.tensor([5, 500]), context=ctx)
+        out.pow(2).mean().backward()
+        results.append((out.detach(), ctx.grad, unet.input_blocks[1][0].in_layers[2].weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().max() > 0  # gradient reaches the text context through cross-attention
