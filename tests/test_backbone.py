@@ -80,6 +80,7 @@ class _Evil:
         return (os.system, ("echo pwned > /tmp/should_not_exist",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_needing_code_execution_is_refused_not_run(tmp_path):
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as f:
