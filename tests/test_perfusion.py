@@ -32,16 +32,20 @@ def trained(tiny_world):
     optimizer = model.configure_optimizers()
     model.train()
     losses = []
-    for _ in range(6):
+    for step in range(6):
         torch.manual_seed(0)
         loss, _ = model.shared_step(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if step == 0:  # the first batch locked the keys; from here on they must not move
+            locked_keys = {n: l.target_output.detach().clone()
+                           for n, l in edited_layers(model.model.diffusion_model, "key").items()}
     torch.manual_seed(0)
     with torch.no_grad():
         losses.append(model.shared_step(batch)[0].item())
+    model.locked_keys_after_first_step = locked_keys
     return model.eval(), before, losses, batch
 
 
@@ -64,6 +68,7 @@ def test_only_embedding_and_value_outputs_are_trained(trained):
     assert changed - statistics - key_targets == {"embedding_manager.embeddings"} | values
     for name, layer in edited_layers(model.model.diffusion_model, "key").items():
         torch.testing.assert_close(layer.target_output[0], layer.weight @ model.superclass_input, rtol=0, atol=1e-6)
+        assert torch.equal(layer.target_output, model.locked_keys_after_first_step[name])
         assert layer.target_output.grad is None and layer.weight.grad is None
 
 
