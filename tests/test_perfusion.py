@@ -6,18 +6,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils.data import default_collate
 
 from ldm.util import instantiate_from_config
 from perfusion.concept_file import load_concept, save_concept
 from perfusion.embedding_manager import PlaceholderError
 from perfusion.perfusion import masked_diffusion_loss
 from perfusion.roe import EditState, edited_layers, swap_cross_attention_projections
-
-
-def _batch(dataset, n=2):
-    items = [dataset[i] for i in range(n)]
-    return {k: (torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items])
-            for k in items[0]}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +22,7 @@ def trained(tiny_world):
     model = instantiate_from_config(config.model)
     dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
         "placeholder_token": "*", "superclass": "teddy", "flip_p": 0.0}}))
-    batch = _batch(dataset)
+    batch = default_collate([dataset[i] for i in range(2)])
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = model.configure_optimizers()
     model.train()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torch.utils.data import default_collate
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import instantiate_from_config
@@ -36,9 +37,7 @@ def _train_concept(tiny_world, path, superclass, data_seed, template, steps=3):
     dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
         "data_root": str(data_root), "placeholder_token": "*", "superclass": superclass, "seed": 0,
         "templates": [template]}}))
-    items = [dataset[i] for i in range(2)]
-    batch = {k: (torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items])
-             for k in items[0]}
+    batch = default_collate([dataset[i] for i in range(2)])
     optimizer = model.configure_optimizers()
     for _ in range(steps):
         loss, _ = model.shared_step(batch)
@@ -122,13 +121,18 @@ def _sample(model, sampler_kind, steps, x_T, c, uc, scale=3.0):
     return sampler(make_denoiser_fn(denoiser, model.apply_model), x_T, c, uc)
 
 
+def _concept_inputs(model, concept):
+    """The model with one concept loaded, and (cond, uncond, start noise) for two samples."""
+    model.load_concepts([concept])
+    c = model.get_learned_conditioning(["a photo of a *"] * 2)
+    uc = model.get_learned_conditioning([""] * 2)
+    return c, uc, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
 @torch.no_grad()
 def test_edm_euler_with_many_steps_approaches_ddim(inference_model, concepts):
     model = inference_model
-    model.load_concepts([concepts[0]])
-    c = model.get_learned_conditioning(["a photo of a *"] * 2)
-    uc = model.get_learned_conditioning([""] * 2)
-    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    c, uc, x_T = _concept_inputs(model, concepts[0])
     model.edit_state.set_cache_outputs(True)
     ddim = _sample(model, "ddim", 100, x_T, c, uc)
     euler = _sample(model, "euler", 100, x_T, c, uc)
@@ -145,10 +149,7 @@ def test_edm_euler_with_many_steps_approaches_ddim(inference_model, concepts):
 @torch.no_grad()
 def test_kv_cache_gives_identical_samples(inference_model, concepts):
     model = inference_model
-    model.load_concepts([concepts[0]])
-    c = model.get_learned_conditioning(["a photo of a *"] * 2)
-    uc = model.get_learned_conditioning([""] * 2)
-    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    c, uc, x_T = _concept_inputs(model, concepts[0])
     model.edit_state.set_cache_outputs(False)
     uncached = _sample(model, "ddim", 6, x_T, c, uc)
     computed = []
