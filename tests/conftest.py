@@ -46,3 +46,8 @@ class TinyWorld:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     return TinyWorld(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_world_sd2(tmp_path_factory):
+    return TinyWorld(tmp_path_factory.mktemp("tiny_world_sd2"), family="sd2")

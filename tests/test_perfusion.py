@@ -132,3 +132,34 @@ def test_multi_token_initializer_word_is_refused_with_the_word_named(tiny_world)
         "model.params.personalization_config.params.initializer_words": ["teddybearishness"]})
     with pytest.raises(PlaceholderError, match="teddybearishness.*exactly one"):
         instantiate_from_config(config.model)
+
+
+def test_sd2_structure_trains_and_its_concept_reloads(tiny_world_sd2, tmp_path):
+    """OpenCLIP text encoder (pad 0, penultimate layer), linear proj_in/out, v-prediction."""
+    world = tiny_world_sd2
+    config = world.perfusion_config()
+    model = instantiate_from_config(config.model)
+    assert model.parameterization == "v" and type(model.cond_stage_model).__name__ == "FrozenOpenCLIPEmbedder"
+    dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
+        "placeholder_token": "*", "superclass": "teddy", "flip_p": 0.0}}))
+    batch = default_collate([dataset[i] for i in range(2)])
+    optimizer = model.configure_optimizers()
+    embedding_before = model.embedding_manager.embeddings.detach().clone()
+    for _ in range(2):
+        loss, _ = model.shared_step(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(model.embedding_manager.embeddings, embedding_before)
+    path = model.eval().save_concept_file(tmp_path / "teddy-sd2.safetensors")
+    assert load_concept(path).metadata["base_model"] == "sd2"
+
+    inference = instantiate_from_config(world.perfusion_config(**{
+        "model.params.C_inv_path": None, "model.params.personalization_config.params.initializer_words": []}).model)
+    inference.eval().load_concepts([path], beta=model.train_beta, tau=model.train_tau)
+    model.apply_training_targets()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.apply_model(x, torch.tensor([300]), model.get_learned_conditioning(["a photo of a *"]))
+        got = inference.apply_model(x, torch.tensor([300]), inference.get_learned_conditioning(["a photo of a *"]))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
