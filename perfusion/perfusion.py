@@ -120,9 +120,14 @@ class Perfusion(LatentDiffusion):
 
     @torch.no_grad()
     def update_target_input(self, concept_encodings: torch.Tensor) -> None:
-        """i* <- m i* + (1 - m) mean_batch(e_concept)."""
+        """i* <- m i* + (1 - m) mean_batch(e_concept), with m = 0.99 per optimizer step.
+
+        Called once per micro-batch; with gradient accumulation over A micro-batches each update uses m^(1/A),
+        so the average spans the same number of optimizer steps whatever A is.
+        """
         batch_mean = self._reduce_mean(concept_encodings.float().mean(0))
-        m = self.target_input_momentum
+        accumulation = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        m = self.target_input_momentum ** (1.0 / accumulation)
         self.target_input.mul_(m).add_(batch_mean, alpha=1 - m)
 
     def apply_training_targets(self) -> None:

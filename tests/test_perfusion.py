@@ -163,3 +163,23 @@ def test_sd2_structure_trains_and_its_concept_reloads(tiny_world_sd2, tmp_path):
         expected = model.apply_model(x, torch.tensor([300]), model.get_learned_conditioning(["a photo of a *"]))
         got = inference.apply_model(x, torch.tensor([300]), inference.get_learned_conditioning(["a photo of a *"]))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_target_input_ema_decays_by_0_99_per_optimizer_step(trained):
+    import types
+
+    model = trained[0]
+    saved = model.target_input.clone()
+    try:
+        model.target_input.zero_()
+        model.update_target_input(torch.ones(3, model.target_input.numel()))
+        torch.testing.assert_close(model.target_input, torch.full_like(saved, 0.01))
+        # with 4 micro-batches per optimizer step, four updates decay i* by 0.99 in total
+        model.target_input.fill_(1.0)
+        model._trainer = types.SimpleNamespace(accumulate_grad_batches=4, world_size=1)
+        for _ in range(4):
+            model.update_target_input(torch.zeros(2, model.target_input.numel()))
+        torch.testing.assert_close(model.target_input, torch.full_like(saved, 0.99))
+    finally:
+        model._trainer = None
+        model.target_input.copy_(saved)
