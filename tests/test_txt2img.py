@@ -274,3 +274,12 @@ def test_prompt_without_placeholder_warns_and_says_what_is_generated(concepts, t
                   concepts[0])
     assert result.returncode == 0
     assert "no {} placeholder" in result.stderr and "generating the plain prompt 'a photo of a dog'" in result.stderr
+
+
+def test_without_a_concept_the_plain_base_model_is_sampled(tiny_world, tmp_path):
+    result = run_txt2img(["--steps", "3", "--n_samples", "1", "--prompt", "a photo of a teddy", "--config",
+                          INFERENCE_CONFIG, "--ckpt", str(tiny_world.ckpt), "--H", "32", "--W", "32", "--f", "4",
+                          "--outdir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = Image.open(tmp_path / "samples" / "00000.png")
+    assert image.size == (32, 32) and image.text["concepts"] == "" and image.text["beta"] == ""
