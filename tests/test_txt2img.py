@@ -184,7 +184,8 @@ def test_global_locking_feeds_keys_the_superclass_prompt_and_values_the_concept_
 def test_global_locking_command_line(concepts, tiny_world, tmp_path):
     result = run_txt2img(seed_command(concepts[0], tiny_world.ckpt, tmp_path / "g", "--global_locking"))
     assert result.returncode == 0, result.stderr[-3000:]
-    plain = run_txt2img(seed_command(concepts[0], tiny_world.ckpt, tmp_path / "l"))
+    local = run_txt2img(seed_command(concepts[0], tiny_world.ckpt, tmp_path / "l"))
+    assert local.returncode == 0, local.stderr[-3000:]
     a = np.asarray(Image.open(tmp_path / "g" / "samples" / "00000.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "l" / "samples" / "00000.png")).astype(int)
     assert Image.open(tmp_path / "g" / "samples" / "00000.png").text["global_locking"] == "True"
