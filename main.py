@@ -115,6 +115,13 @@ class DatasetEpoch(Callback):
             dataset.set_epoch(trainer.current_epoch)
 
 
+def atomic_copy(source, destination) -> None:
+    """Copy through a temporary file and a rename, so readers never see a half-written file."""
+    tmp = f"{destination}.tmp"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, destination)
+
+
 class ConceptCheckpoint(Callback):
     """Writes the concept file (atomically) every N optimizer steps and at the end of training."""
 
@@ -123,28 +130,30 @@ class ConceptCheckpoint(Callback):
         self.final_copy = final_copy
         self.last_saved = -1
 
-    def _save(self, trainer, pl_module, tag: str):
-        if not trainer.is_global_zero or not bool(pl_module.targets_initialized):
-            return None
+    @property
+    def latest(self) -> Path:
+        return self.dirpath / f"{self.name}.safetensors"
+
+    def _save(self, trainer, pl_module) -> None:
+        """``<name>-stepNNNNNN.safetensors`` and a copy as ``<name>.safetensors``, once per step."""
+        step = trainer.global_step
+        if not trainer.is_global_zero or not bool(pl_module.targets_initialized) or step == self.last_saved:
+            return
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        pl_module.save_concept_file(self.dirpath / f"{self.name}-{tag}.safetensors")
-        latest = pl_module.save_concept_file(self.dirpath / f"{self.name}.safetensors")
-        self.last_saved = trainer.global_step
-        return latest
+        written = pl_module.save_concept_file(self.dirpath / f"{self.name}-step{step:06d}.safetensors")
+        atomic_copy(written, self.latest)
+        self.last_saved = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step > 0 and step % self.every == 0 and step != self.last_saved:
-            self._save(trainer, pl_module, f"step{step:06d}")
+        if trainer.global_step > 0 and trainer.global_step % self.every == 0:
+            self._save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
         if trainer.world_size > 1:
             self._check_ranks_agree(trainer, pl_module)
-        latest = self._save(trainer, pl_module, f"step{trainer.global_step:06d}")
-        if latest and self.final_copy:
-            tmp = f"{self.final_copy}.tmp"
-            shutil.copyfile(latest, tmp)
-            os.replace(tmp, self.final_copy)
+        self._save(trainer, pl_module)
+        if trainer.is_global_zero and self.final_copy and self.latest.is_file():
+            atomic_copy(self.latest, self.final_copy)
             print(f"concept written to {self.final_copy}")
 
 
@@ -164,8 +173,9 @@ class ConceptCheckpoint(Callback):
 class ImageLogger(Callback):
     """Saves input/reconstruction/mask/sample grids as PNG and to TensorBoard every ``batch_frequency`` steps."""
 
-    def __init__(self, batch_frequency: int = 25, max_images: int = 4, frequency_base: int = 5,
+    def __init__(self, logdir: str, batch_frequency: int = 25, max_images: int = 4, frequency_base: int = 5,
                  clamp: bool = True, log_first_step: bool = False, ddim_steps: int | None = None, **ignored):
+        self.folder = Path(logdir) / "images" / "train"
         self.batch_frequency, self.max_images, self.clamp = batch_frequency, max_images, clamp
         self.log_first_step, self.ddim_steps = log_first_step, ddim_steps
         self.last_logged = -1
@@ -182,10 +192,7 @@ class ImageLogger(Callback):
             images = pl_module.log_images(batch, N=self.max_images, ddim_steps=self.ddim_steps)
         if was_training:
             pl_module.train()
-        folder = Path(trainer.log_dir or trainer.default_root_dir).parent / "images" / "train"
-        if getattr(trainer, "_perfusion_logdir", None):
-            folder = Path(trainer._perfusion_logdir) / "images" / "train"
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         import torchvision
 
         for key, tensor in images.items():
@@ -194,7 +201,7 @@ class ImageLogger(Callback):
                 tensor = tensor.clamp(-1, 1)
             grid = torchvision.utils.make_grid((tensor + 1) / 2, nrow=min(4, tensor.shape[0]))
             array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(array).save(folder / f"{key}_gs-{step:06d}_b-{batch_idx:06d}.png")
+            Image.fromarray(array).save(self.folder / f"{key}_gs-{step:06d}_b-{batch_idx:06d}.png")
             if isinstance(trainer.logger, TensorBoardLogger):
                 trainer.logger.experiment.add_image(f"train/{key}", grid, global_step=step)
 
@@ -289,14 +296,14 @@ def main(argv=None):
     if opt.resume:
         logdir, ckpt, resumed_base = resolve_resume(opt)
         opt.base = resumed_base + opt.base
-        nowname = logdir.name
+        # the log folder is <time>_<name><postfix>
+        name = logdir.name.split("_", 1)[-1].removesuffix(opt.postfix)
     else:
         if not opt.base:
             raise SystemExit("give at least one config with --base (e.g. --base configs/perfusion_teddy.yaml)")
         name = opt.name or Path(opt.base[0]).stem
         now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-        nowname = f"{now}_{name}{opt.postfix}"
-        logdir = Path(opt.basedir) / nowname
+        logdir = Path(opt.basedir) / f"{now}_{name}{opt.postfix}"
     for path in opt.base:
         if not Path(path).is_file():
             raise SystemExit(f"config not found: {path}")
@@ -307,8 +314,6 @@ def main(argv=None):
         raise SystemExit(f"could not read overrides {unknown}: {err} (use key.sub=value)")
     config = OmegaConf.merge(*configs, cli)
     lightning_config = config.pop("lightning", OmegaConf.create())
-    concept_name = opt.name or (nowname.split("_", 1)[1] if "_" in nowname else nowname)
-    concept_name = concept_name[: -len(opt.postfix)] if opt.postfix and concept_name.endswith(opt.postfix) else concept_name
 
     pl.seed_everything(opt.seed, workers=True)
     check_model_files(config.model)
@@ -328,13 +333,12 @@ def main(argv=None):
         DatasetEpoch(),
         ModelCheckpoint(dirpath=str(ckptdir), filename="step{step:06d}", every_n_train_steps=every,
                         save_last=True, save_top_k=-1, auto_insert_metric_name=False),
-        ConceptCheckpoint(str(logdir / "concepts"), concept_name, every,
-                          final_copy=str(Path(opt.basedir) / f"{concept_name}.safetensors") if opt.train else None),
-        ImageLogger(**OmegaConf.to_container(image_params, resolve=True)),
+        ConceptCheckpoint(str(logdir / "concepts"), name, every,
+                          final_copy=str(Path(opt.basedir) / f"{name}.safetensors") if opt.train else None),
+        ImageLogger(str(logdir), **OmegaConf.to_container(image_params, resolve=True)),
     ]
     logger = TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version="")
     trainer = pl.Trainer(logger=logger, callbacks=callbacks, default_root_dir=str(logdir), **settings)
-    trainer._perfusion_logdir = str(logdir)
 
     if trainer.is_global_zero:
         cfgdir.mkdir(parents=True, exist_ok=True)
