@@ -37,9 +37,16 @@ def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: 
     return per_sample.mean()
 
 
+# The base-model family a concept file records, told by the text encoder class.
+FAMILY_OF_TEXT_ENCODER = {"FrozenCLIPEmbedder": "sd1", "FrozenOpenCLIPEmbedder": "sd2"}
+
+
+def family_of_text_encoder(class_name: str) -> str:
+    return FAMILY_OF_TEXT_ENCODER.get(class_name, class_name)
+
+
 def base_model_family(text_encoder) -> str:
-    name = type(text_encoder).__name__
-    return {"FrozenCLIPEmbedder": "sd1", "FrozenOpenCLIPEmbedder": "sd2"}.get(name, name)
+    return family_of_text_encoder(type(text_encoder).__name__)
 
 
 def text_encoder_name(text_encoder) -> str:

@@ -25,7 +25,6 @@ SINGLE_BETA, MULTI_BETA, DEFAULT_TAU = 0.7, 0.6, 0.15
 # Single-token strings to rename placeholders to when two concept files share one.
 SPARE_PLACEHOLDERS = ["*", "&", "@", "$", "%", "#", "+", "=", "~", "^"]
 PLACEHOLDER_PATTERN = re.compile(r"\{(\d*)\}")
-FAMILY_OF_ENCODER = {"FrozenCLIPEmbedder": "sd1", "FrozenOpenCLIPEmbedder": "sd2"}
 
 
 class UsageError(ValueError):
@@ -106,8 +105,9 @@ def check_prompts(prompts: list[str], n_concepts: int) -> None:
 
 
 def config_family(config) -> str:
-    target = str(config.model.params.cond_stage_config.target)
-    return FAMILY_OF_ENCODER.get(target.rsplit(".", 1)[-1], target)
+    from perfusion.perfusion import family_of_text_encoder
+
+    return family_of_text_encoder(str(config.model.params.cond_stage_config.target).rsplit(".", 1)[-1])
 
 
 def load_and_check_concepts(paths: list[str], config) -> list:
