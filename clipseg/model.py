@@ -22,6 +22,7 @@ from PIL import Image
 from clipseg.convert import hf_clip_model_to_clipseg, infer_clipseg_config, original_to_hf
 from clipseg.paths import ClipSegWeightsNotFound, check_weights_exist, default_clip_candidates, missing_weights_message
 from clipseg.torchscript import is_torchscript_archive, read_torchscript_state_dict
+from ldm.util import CheckpointError, load_state_dict
 
 CLIPSEG_IMAGE_SIZE = 352
 # ClipSeg was trained on ImageNet-normalised inputs (the original repository's example and the
@@ -161,22 +162,12 @@ class ClipSegMasker:
 def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a weight file without running pickled code: safetensors, TorchScript archive, or state dict."""
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return dict(load_file(path))
-    if is_torchscript_archive(path):
+    if not path.endswith(".safetensors") and is_torchscript_archive(path):
         return read_torchscript_state_dict(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle that needs arbitrary globals, or not a torch file at all
-        raise ValueError(f"{path}: cannot be read as a weights-only state dict ({error}).") from error
-    for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}.")
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        tensors = load_state_dict(path)
+    except CheckpointError as error:  # a pickle that needs arbitrary globals, or not a torch file at all
+        raise ValueError(str(error)) from error
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from DataParallel/DDP
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors

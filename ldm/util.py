@@ -62,7 +62,8 @@ class CheckpointError(RuntimeError):
 def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load the tensors of a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file without executing code.
 
-    Lightning checkpoints nest the weights under ``state_dict``; that level is removed. Pickles that need
+    Training checkpoints nest the weights under ``state_dict`` (Lightning) or ``model``; that level is removed.
+    Pickles that need
     code execution (anything beyond tensors, containers and plain numbers) are refused, never executed.
     """
     path = os.fspath(path)
@@ -86,8 +87,9 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         ) from err
     except (RuntimeError, zipfile.BadZipFile, EOFError) as err:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
