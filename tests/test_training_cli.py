@@ -88,19 +88,14 @@ def test_two_process_cpu_ddp_ends_with_identical_concepts_on_both_ranks(tiny_wor
     assert report["max_abs_difference"] == 0.0
 
 
-def test_missing_base_checkpoint_says_where_to_get_it(tiny_world, tmp_path):
-    overrides = [o for o in tiny_world.cli_overrides() if "ckpt_path" not in o]
+@pytest.mark.parametrize("key, filename, messages", [
+    ("ckpt_path", "v1-5-pruned-emaonly.ckpt", ["base checkpoint not found", "huggingface.co"]),
+    ("C_inv_path", "C_inv.npy", ["C^-1 file not found", "data/estimate_C_inv.py"]),
+])
+def test_missing_weights_say_where_to_get_them(tiny_world, tmp_path, key, filename, messages):
+    overrides = [o for o in tiny_world.cli_overrides() if key not in o]
     result = run_main(["--base", *TINY_BASES, "--basedir", str(tmp_path), "-t", "True", *overrides,
-                       f"model.params.ckpt_path={tmp_path / 'v1-5-pruned-emaonly.ckpt'}"])
+                       f"model.params.{key}={tmp_path / filename}"])
     assert result.returncode != 0
-    assert "base checkpoint not found" in result.stderr and "huggingface.co" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_missing_c_inv_says_how_to_make_it(tiny_world, tmp_path):
-    overrides = [o for o in tiny_world.cli_overrides() if "C_inv_path" not in o]
-    result = run_main(["--base", *TINY_BASES, "--basedir", str(tmp_path), "-t", "True", *overrides,
-                       f"model.params.C_inv_path={tmp_path / 'C_inv.npy'}"])
-    assert result.returncode != 0
-    assert "C^-1 file not found" in result.stderr and "data/estimate_C_inv.py" in result.stderr
+    assert all(message in result.stderr for message in messages), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
