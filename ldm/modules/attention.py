@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
@@ -64,7 +65,11 @@ class CrossAttention(nn.Module):
         dtype = q.dtype
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
+        if q.device.type == "cpu":  # torch's CPU flash kernel is several times slower at these head sizes
+            with sdpa_kernel(SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -27,10 +27,11 @@ class LitEma(nn.Module):
             self.num_updates += 1
             decay = min(decay, (1 + float(self.num_updates)) / (10 + float(self.num_updates)))
         shadow = dict(self.named_buffers())
-        for name, p in model.named_parameters():
-            if name in self.name_map:
-                s = shadow[self.name_map[name]]
-                s.sub_((1.0 - decay) * (s - p.detach()))
+        pairs = [(shadow[self.name_map[name]], p.detach()) for name, p in model.named_parameters()
+                 if name in self.name_map]
+        if pairs:  # shadow <- shadow + (1 - decay) (param - shadow), in one fused pass over all tensors
+            shadows, params = zip(*pairs)
+            torch._foreach_lerp_(list(shadows), [p.to(s.dtype) for s, p in pairs], 1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module):

@@ -1,6 +1,7 @@
 """DDPM and LatentDiffusion (Stable Diffusion) as Lightning modules, checkpoint-compatible with CompVis/Stability."""
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
 
@@ -96,7 +97,7 @@ class DDPM(pl.LightningModule):
                  original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
                  conditioning_key: str | None = None, parameterization: str = "eps", scheduler_config=None,
                  use_positional_encodings: bool = False, learn_logvar: bool = False, logvar_init: float = 0.0,
-                 **ignored: Any):
+                 ema_decay: float = 0.9999, snr_gamma: float | None = None, **ignored: Any):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f"parameterization must be eps, x0 or v, not '{parameterization}'")
@@ -113,9 +114,12 @@ class DDPM(pl.LightningModule):
         self.monitor = monitor
         self.scheduler_config = scheduler_config
         self.model = DiffusionWrapper(unet_config, conditioning_key)
-        self.use_ema = use_ema
+        self.use_ema, self.ema_decay = use_ema, ema_decay
         if use_ema:
-            self.model_ema = LitEma(self.model)
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive (min-SNR weighting) or null, got {snr_gamma}")
+        self.snr_gamma = snr_gamma
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         self.learn_logvar = learn_logvar
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
@@ -192,6 +196,18 @@ class DDPM(pl.LightningModule):
             return self.get_v(x_start, noise, t)
         return x_start
 
+    def min_snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weight (Hang et al. 2023), expressed for the model's parameterisation: the
+        x0-space weight min(SNR, gamma) divided by what the eps / v / x0 loss already weighs x0 by."""
+        alpha_bar = self.alphas_cumprod[t]
+        snr = alpha_bar / (1.0 - alpha_bar)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.parameterization == "eps":
+            return clipped / snr
+        if self.parameterization == "v":
+            return clipped / (snr + 1.0)
+        return clipped
+
     def get_loss(self, pred, target, mean: bool = True):
         if self.loss_type == "l1":
             loss = (target - pred).abs()
@@ -225,20 +241,25 @@ class DDPM(pl.LightningModule):
         """State-dict keys a subclass adds on top of the base model (never in an SD checkpoint)."""
         return set()
 
+    def ema_pairs(self) -> list[tuple[LitEma, nn.Module]]:
+        """(EMA, module) pairs kept by this model: the UNet, and subclasses may add more."""
+        return [(self.model_ema, self.model)] if self.use_ema else []
+
     @contextmanager
     def ema_scope(self, context: str | None = None):
-        if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
+        pairs = self.ema_pairs()
+        for ema, module in pairs:
+            ema.store(module.parameters())
+            ema.copy_to(module)
         try:
             yield None
         finally:
-            if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
+            for ema, module in pairs:
+                ema.restore(module.parameters())
 
     def on_train_batch_end(self, *args, **kwargs):
-        if self.use_ema:
-            self.model_ema(self.model)
+        for ema, module in self.ema_pairs():
+            ema(module)
 
     # ----- training ---------------------------------------------------------------------------------------------
     def apply_model(self, x_noisy, t, cond=None):
@@ -250,6 +271,8 @@ class DDPM(pl.LightningModule):
         model_output = self.apply_model(x_noisy, t, cond)
         target = self.diffusion_target(x_start, noise, t)
         loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=[1, 2, 3])
+        if self.snr_gamma is not None:
+            loss_simple = loss_simple * self.min_snr_weight(t)
         logvar_t = self.logvar.to(self.device)[t]
         loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
@@ -276,12 +299,20 @@ class DDPM(pl.LightningModule):
         self.log_dict(logs, prog_bar=False, logger=True, on_step=True, on_epoch=False)
         return loss
 
-    def configure_optimizers(self):
-        lr = getattr(self, "learning_rate", 1e-4)
+    def trainable_parameters(self) -> list[nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.learn_logvar:
             params.append(self.logvar)
-        return torch.optim.AdamW(params, lr=lr)
+        return params
+
+    def configure_optimizers(self):
+        lr = getattr(self, "learning_rate", 1e-4)
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        if self.scheduler_config is None:
+            return optimizer
+        schedule = instantiate_from_config(self.scheduler_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
 class LatentDiffusion(DDPM):
@@ -307,6 +338,8 @@ class LatentDiffusion(DDPM):
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         if not cond_stage_trainable:
             self._frozen(self.cond_stage_model)
+        elif self.use_ema:  # a text encoder trained with the UNet is averaged with it
+            self.cond_stage_model_ema = LitEma(self.cond_stage_model, decay=self.ema_decay)
         self.restarted_from_ckpt = False
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
@@ -368,14 +401,49 @@ class LatentDiffusion(DDPM):
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device).long()
         return self.p_losses(z, c, t)
 
-    def configure_optimizers(self):
-        lr = getattr(self, "learning_rate", 1e-4)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    def ema_pairs(self):
+        pairs = super().ema_pairs()
+        if hasattr(self, "cond_stage_model_ema"):
+            pairs.append((self.cond_stage_model_ema, self.cond_stage_model))
+        return pairs
+
+    def trainable_parameters(self):
+        params = super().trainable_parameters()
         if self.cond_stage_trainable:
             params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        if self.learn_logvar:
-            params.append(self.logvar)
-        return torch.optim.AdamW(params, lr=lr)
+        return params
+
+    def base_state_dict(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """The base model in the original checkpoint layout (UNet, first stage, text encoder, noise schedule), EMA
+        weights by default, without the EMA copies themselves: what ``init_from_ckpt`` loads."""
+        ema_prefixes = ("model_ema.", "cond_stage_model_ema.")
+        scope = self.ema_scope() if use_ema else contextlib.nullcontext()
+        with scope:
+            return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(ema_prefixes)}
+
+    @torch.no_grad()
+    def log_images(self, batch, N: int = 4, sample: bool = True, ddim_steps: int | None = None,
+                   scale: float = 4.0, **kwargs):
+        """Inputs and DDIM samples (EMA weights) of the batch's captions, with and without guidance."""
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        N = min(N, len(batch[self.cond_stage_key]))
+        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x))
+        log = {"inputs": x}
+        if not sample:
+            return log
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        x_T = torch.randn(z.shape, generator=generator, device=self.device)
+        with self.ema_scope():
+            c = self.get_learned_conditioning(list(batch[self.cond_stage_key])[:N])
+            uc = self.get_learned_conditioning([""] * N)
+            for label, guidance in (("samples", 1.0), (f"samples_scale{scale:g}", scale)):
+                latents, _ = DDIMSampler(self).sample(
+                    S=ddim_steps or 50, batch_size=N, shape=z.shape[1:], conditioning=c, x_T=x_T,
+                    unconditional_conditioning=uc, unconditional_guidance_scale=guidance, verbose=False)
+                log[label] = self.decode_first_stage(latents)
+        return log
 
     def model_summary(self) -> dict[str, int]:
         return {"unet": count_params(self.model.diffusion_model), "vae": count_params(self.first_stage_model),
