@@ -170,6 +170,98 @@ class ConceptCheckpoint(Callback):
             raise RuntimeError(f"concept state differs across the {trainer.world_size} ranks by up to {difference}")
 
 
+class BaseModelExport(Callback):
+    """For base-model training (no concept): every N optimizer steps and at the end, writes the base model in the
+    original checkpoint layout (EMA weights) as ``checkpoints/base-stepNNNNNN.safetensors`` plus
+    ``checkpoints/base-last.safetensors``; these load with ``--ckpt`` / ``model.params.ckpt_path``."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 500, dtype: str = "float16"):
+        self.dirpath, self.every = Path(dirpath), every_n_train_steps
+        self.dtype = getattr(torch, dtype)
+        self.last_saved = -1
+
+    def _save(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self.last_saved:
+            return
+        from safetensors.torch import save_file
+
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        state = {k: v.to(self.dtype).contiguous() if v.is_floating_point() else v.contiguous()
+                 for k, v in pl_module.base_state_dict(use_ema=True).items()}
+        path = self.dirpath / f"base-step{step:06d}.safetensors"
+        save_file(state, f"{path}.tmp", metadata={"global_step": str(step)})
+        os.replace(f"{path}.tmp", path)
+        atomic_copy(path, self.dirpath / "base-last.safetensors")
+        self.last_saved = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > 0 and trainer.global_step % self.every == 0:
+            self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer, pl_module)
+
+
+class ThreadTuner(Callback):
+    """Chooses the number of torch CPU threads by measurement: every ``period`` optimizer steps, and at once when
+    steps become ``slowdown`` times slower than the last measurement (another process took a core).
+
+    On a shared machine two threads can be many times slower than one (a busy core stalls every parallel
+    region); on an idle one two are faster. Each candidate runs ``probe`` steps; the fastest median is kept.
+    """
+
+    def __init__(self, candidates=(1, 2), period: int = 500, probe: int = 6, slowdown: float = 1.5,
+                 window: int = 8):
+        available = os.cpu_count() or 1
+        self.candidates = [c for c in candidates if c <= available] or [1]
+        self.period, self.probe, self.slowdown, self.window = period, probe, slowdown, window
+        self.timings: dict[int, list[float]] = {}
+        self.queue: list[int] = []
+        self.recent: list[float] = []
+        self.reference = None  # median step time of the chosen setting when last measured
+        self.started = None
+
+    @staticmethod
+    def _median(values):
+        return sorted(values)[len(values) // 2]
+
+    def _start_probe(self):
+        self.queue = [c for c in self.candidates for _ in range(self.probe)]
+        self.timings, self.recent = {}, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import time
+
+        slow = (self.reference is not None and len(self.recent) >= self.window
+                and self._median(self.recent[-self.window:]) > self.slowdown * self.reference)
+        if not self.queue and (trainer.global_step % self.period == 0 or self.reference is None or slow):
+            self._start_probe()
+        if self.queue:
+            torch.set_num_threads(self.queue[0])
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+
+        if self.started is None:
+            return
+        elapsed = time.perf_counter() - self.started
+        if not self.queue:
+            self.recent = (self.recent + [elapsed])[-self.window:]
+            return
+        threads = self.queue.pop(0)
+        self.timings.setdefault(threads, []).append(elapsed)
+        if not self.queue:
+            best = min(self.timings, key=lambda c: self._median(self.timings[c]))
+            self.reference = self._median(self.timings[best])
+            torch.set_num_threads(best)
+            summary = ", ".join(f"{c}: {self._median(v):.2f}s" for c, v in sorted(self.timings.items()))
+            print(f"[threads] step {trainer.global_step}: median step time by threads {summary}; using {best}",
+                  flush=True)
+            pl_module.log("threads", float(best), on_step=True, logger=True)
+
+
 class ImageLogger(Callback):
     """Saves input/reconstruction/mask/sample grids as PNG and to TensorBoard every ``batch_frequency`` steps."""
 
@@ -324,19 +416,29 @@ def main(argv=None):
     for key in ("embedding_learning_rate", "target_output_learning_rate"):
         if key in config.model:
             setattr(model, key, float(config.model[key]))
+    if "base_learning_rate" in config.model:  # used as given: not scaled by batch size or devices
+        model.learning_rate = float(config.model.base_learning_rate)
 
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
-    every = int(lightning_config.get("modelcheckpoint_step", {}).get("params", {}).get("every_n_train_steps", 100))
-    image_params = lightning_config.get("callbacks", {}).get("image_logger", {}).get("params", {})
+    checkpoint_params = dict(OmegaConf.to_container(
+        lightning_config.get("modelcheckpoint_step", {}).get("params", OmegaConf.create()), resolve=True))
+    every = int(checkpoint_params.pop("every_n_train_steps", 100))
+    callback_configs = OmegaConf.to_container(lightning_config.get("callbacks", OmegaConf.create()), resolve=True)
+    image_params = (callback_configs.pop("image_logger", None) or {}).get("params", {})
     callbacks = [
         OptimizerStepProgressBar(),
         DatasetEpoch(),
         ModelCheckpoint(dirpath=str(ckptdir), filename="step{step:06d}", every_n_train_steps=every,
-                        save_last=True, save_top_k=-1, auto_insert_metric_name=False),
-        ConceptCheckpoint(str(logdir / "concepts"), name, every,
-                          final_copy=str(Path(opt.basedir) / f"{name}.safetensors") if opt.train else None),
-        ImageLogger(str(logdir), **OmegaConf.to_container(image_params, resolve=True)),
+                        **{"save_last": True, "save_top_k": -1, **checkpoint_params}, auto_insert_metric_name=False),
+        ImageLogger(str(logdir), **image_params),
     ]
+    if hasattr(model, "save_concept_file"):
+        callbacks.append(ConceptCheckpoint(str(logdir / "concepts"), name, every,
+                                           final_copy=str(Path(opt.basedir) / f"{name}.safetensors") if opt.train
+                                           else None))
+    else:  # training a base model: export it in the original layout
+        callbacks.append(BaseModelExport(str(ckptdir), every))
+    callbacks += [instantiate_from_config(c) for c in callback_configs.values()]
     logger = TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version="")
     trainer = pl.Trainer(logger=logger, callbacks=callbacks, default_root_dir=str(logdir), **settings)
 
