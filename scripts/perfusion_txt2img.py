@@ -52,10 +52,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_samples", type=int, default=4, help="images per prompt and iteration (batch size)")
     p.add_argument("--n_iter", type=int, default=1)
     p.add_argument("--n_rows", type=int, default=0, help="grid columns (default n_samples)")
-    p.add_argument("--H", type=int, default=512)
-    p.add_argument("--W", type=int, default=512)
-    p.add_argument("--C", type=int, default=4, help="latent channels")
-    p.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+    p.add_argument("--H", type=int, default=None, help="image height (default: the config's image size)")
+    p.add_argument("--W", type=int, default=None, help="image width (default: the config's image size)")
+    p.add_argument("--C", type=int, default=None, help="latent channels (default: the config's)")
+    p.add_argument("--f", type=int, default=None, help="downsampling factor of the autoencoder (default: the config's)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--fixed_code", action="store_true", help="same start noise for every iteration")
     p.add_argument("--outdir", type=str, default="outputs/txt2img-samples")
@@ -223,6 +223,22 @@ def main(argv=None) -> int:
         return 2
 
 
+def fill_image_geometry(opt, config) -> None:
+    """--f, --C, --H, --W default to the config's: the autoencoder's downsampling (1 for a pixel-space model),
+    its latent channels, and image_size x f."""
+    params = config.model.params
+    ddconfig = (params.first_stage_config.get("params") or {}).get("ddconfig")
+    factor = 2 ** (len(ddconfig.ch_mult) - 1) if ddconfig is not None else 1
+    if opt.f is None:
+        opt.f = factor
+    elif opt.f != factor:
+        raise UsageError(f"--f {opt.f}: the first stage of {opt.config} downsamples by {factor}; pass --f {factor} "
+                         "or leave --f out")
+    opt.C = opt.C or int(params.get("channels", 4))
+    opt.H = opt.H or int(params.get("image_size", 64)) * factor
+    opt.W = opt.W or int(params.get("image_size", 64)) * factor
+
+
 def generate(opt) -> int:
     from omegaconf import OmegaConf
 
@@ -240,13 +256,10 @@ def generate(opt) -> int:
             raise UsageError(f"--from-file {opt.from_file} holds no prompts")
     else:
         prompts = [opt.prompt]
+    config = OmegaConf.load(opt.config)
+    fill_image_geometry(opt, config)
     if opt.H % opt.f or opt.W % opt.f:
         raise UsageError(f"--H {opt.H} and --W {opt.W} must be multiples of --f {opt.f}")
-    config = OmegaConf.load(opt.config)
-    ddconfig = config.model.params.first_stage_config.params.get("ddconfig")
-    if ddconfig is not None and 2 ** (len(ddconfig.ch_mult) - 1) != opt.f:
-        raise UsageError(f"--f {opt.f}: the autoencoder of {opt.config} downsamples by "
-                         f"{2 ** (len(ddconfig.ch_mult) - 1)}; pass --f {2 ** (len(ddconfig.ch_mult) - 1)}")
     paths = [p.strip() for p in opt.personalized_ckpt.split(",") if p.strip()] if opt.personalized_ckpt else []
     check_prompts(prompts, len(paths))
     concepts = load_and_check_concepts(paths, config) if paths else []
