@@ -1,0 +1,94 @@
+"""Training a base model (the toy world's pretraining path): min-SNR, warm-up, EMA of a jointly trained text
+encoder, export in the original layout, and main.py end to end at toy size."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ldm.lr_scheduler import LinearWarmUp
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config, load_state_dict
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_BASE = REPO / "configs" / "toy" / "base.yaml"
+
+
+def small_toy_config():
+    return OmegaConf.load(TOY_BASE)
+
+
+def test_min_snr_weight_matches_the_formula():
+    model = instantiate_from_config(small_toy_config().model)
+    t = torch.tensor([0, 10, 300, 600, 999])
+    alpha_bar = model.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)  # v-prediction
+    assert torch.allclose(model.min_snr_weight(t).double(), expected, rtol=1e-5)
+    model.parameterization = "eps"
+    assert torch.allclose(model.min_snr_weight(t).double(), expected * (snr + 1) / snr, rtol=1e-4)
+
+
+def test_linear_warm_up():
+    schedule = LinearWarmUp(200)
+    assert schedule(0) == 0.0 and schedule(100) == 0.5 and schedule(200) == 1.0 and schedule(5000) == 1.0
+
+
+def test_ema_update_is_the_moving_average():
+    net = torch.nn.Linear(3, 2)
+    ema = LitEma(net, decay=0.9, use_num_updates=False)
+    before = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema(net)
+    shadow = dict(ema.named_buffers())["weight"]
+    assert torch.allclose(shadow, 0.9 * before + 0.1 * net.weight.detach(), atol=1e-6)
+
+
+def test_trainable_text_encoder_is_averaged_and_exported():
+    model = instantiate_from_config(small_toy_config().model)
+    assert model.cond_stage_model_ema is not None
+    names = {id(p) for p in model.trainable_parameters()}
+    assert id(model.cond_stage_model.token_embedding.weight) in names
+    exported_before = model.base_state_dict()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    exported = model.base_state_dict()
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    assert key in exported and any(k.startswith("model.diffusion_model.") for k in exported)
+    # EMA weights (not yet updated) are exported, not the raw ones
+    assert torch.equal(exported[key], exported_before[key])
+    model.on_train_batch_end()
+    assert not torch.equal(model.base_state_dict()[key], exported_before[key])
+
+
+def test_main_trains_a_toy_base_model_and_exports_it(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "main.py", "--base", str(TOY_BASE), "-t", "True", "--name", "base", "--basedir",
+         str(tmp_path), "data.params.batch_size=4", "lightning.trainer.max_steps=3",
+         "lightning.modelcheckpoint_step.params.every_n_train_steps=2",
+         "lightning.callbacks.image_logger.params.batch_frequency=2",
+         "lightning.callbacks.image_logger.params.ddim_steps=2",
+         "lightning.callbacks.thread_tuner.params.probe=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    logdir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    exports = sorted(p.name for p in (logdir / "checkpoints").glob("base-*.safetensors"))
+    assert exports == ["base-last.safetensors", "base-step000002.safetensors", "base-step000003.safetensors"]
+    assert "[threads]" in result.stdout
+    state = load_state_dict(logdir / "checkpoints" / "base-last.safetensors")
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    # loads into the inference model with nothing missing
+    config = OmegaConf.load(REPO / "configs" / "toy" / "inference.yaml")
+    model = instantiate_from_config(config.model)
+    missing, unexpected = model.init_from_ckpt(str(logdir / "checkpoints" / "base-last.safetensors"))
+    perfusion_state = ("target_input", "superclass_input", "targets_initialized", "embedding_manager.")
+    assert [k for k in missing if not k.endswith("target_output") and not k.startswith(perfusion_state)] == []
+    assert unexpected == [] and "alphas_cumprod" in state
+    samples = {p.name.split("_gs-")[0] for p in (logdir / "images" / "train").glob("*.png")}
+    assert {"inputs", "samples", "samples_scale4"} <= samples
+    loaded = model.model.diffusion_model.out[2].weight
+    assert np.allclose(loaded.detach().numpy(), state["model.diffusion_model.out.2.weight"].float().numpy())
