@@ -92,3 +92,23 @@ def test_main_trains_a_toy_base_model_and_exports_it(tmp_path):
     assert {"inputs", "samples", "samples_scale4"} <= samples
     loaded = model.model.diffusion_model.out[2].weight
     assert np.allclose(loaded.detach().numpy(), state["model.diffusion_model.out.2.weight"].float().numpy())
+
+
+def test_training_on_from_an_exported_model_starts_the_averages_at_its_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    model = instantiate_from_config(small_toy_config().model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    model.on_train_batch_end()
+    path = tmp_path / "export.safetensors"
+    save_file({k: v.contiguous() for k, v in model.base_state_dict(use_ema=False).items()}, str(path))
+    config = small_toy_config()
+    config.model.params.ckpt_path = str(path)
+    resumed = instantiate_from_config(config.model)
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    exported = load_state_dict(path)
+    assert torch.equal(resumed.base_state_dict(use_ema=True)[key], exported[key])
+    assert torch.equal(resumed.base_state_dict(use_ema=True)["model.diffusion_model.out.2.weight"],
+                       exported["model.diffusion_model.out.2.weight"])

@@ -235,7 +235,16 @@ class DDPM(pl.LightningModule):
             raise CheckpointError(
                 f"checkpoint {path} lacks {len(missing_backbone)} backbone weights, e.g. {missing_backbone[:3]}; "
                 "is it a full Stable Diffusion checkpoint (UNet, VAE and text encoder)?")
+        self._restart_ema_without_averages(state)
         return missing, unexpected
+
+    def _restart_ema_without_averages(self, state: dict) -> None:
+        """A checkpoint without EMA buffers (e.g. an exported EMA-only model) starts the averages at the loaded
+        weights, so that training on from it does not average with the random initialisation."""
+        for ema_name, module_name in (("model_ema", "model"), ("cond_stage_model_ema", "cond_stage_model")):
+            ema = getattr(self, ema_name, None)
+            if isinstance(ema, LitEma) and not any(k.startswith(f"{ema_name}.") for k in state):
+                setattr(self, ema_name, LitEma(getattr(self, module_name), decay=float(ema.decay)))
 
     def keys_not_in_base_checkpoint(self) -> set[str]:
         """State-dict keys a subclass adds on top of the base model (never in an SD checkpoint)."""
