@@ -1,4 +1,4 @@
-"""A small world of our own for tests and ``make demo``: toy concept images with soft masks, toy captions,
+"""Test helpers for the tiny random-weight models: teddy-like concept images with soft masks, generic captions,
 and the C^-1 of a tiny text encoder. Everything is generated from seeds; nothing is downloaded."""
 from __future__ import annotations
 

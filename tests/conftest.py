@@ -16,7 +16,7 @@ class TinyWorld:
 
     def __init__(self, root: Path, family: str = "sd1"):
         from ldm.testing import write_tiny_checkpoint
-        from perfusion.toy_world import write_toy_c_inv, write_toy_concept_images
+        from tests._tiny_concept import write_toy_c_inv, write_toy_concept_images
 
         self.root = root
         self.family = family

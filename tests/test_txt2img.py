@@ -23,7 +23,7 @@ TEMPLATES = ["a photo of a {}", "a painting of the {}"]
 
 
 def _train_concept(tiny_world, path, superclass, data_seed, template, steps=3):
-    from perfusion.toy_world import write_toy_concept_images
+    from tests._tiny_concept import write_toy_concept_images
 
     torch.manual_seed(data_seed)  # noise and timesteps of the training steps, whatever ran before
     data_root = tiny_world.root / f"data-{superclass}"
