@@ -29,6 +29,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ldm.models.diffusion.ddpm import BACKBONE_PREFIXES
 from ldm.util import instantiate_from_config
 
 # The frozen base model is in eval mode on purpose.
@@ -187,8 +188,9 @@ class BaseModelExport(Callback):
         from safetensors.torch import save_file
 
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        state = {k: v.to(self.dtype).contiguous() if v.is_floating_point() else v.contiguous()
-                 for k, v in pl_module.base_state_dict(use_ema=True).items()}
+        # Network weights in half precision; the noise schedule stays float32 (1 - 4e-5 rounds to 1 in fp16).
+        state = {k: v.to(self.dtype).contiguous() if v.is_floating_point() and k.startswith(BACKBONE_PREFIXES)
+                 else v.contiguous() for k, v in pl_module.base_state_dict(use_ema=True).items()}
         path = self.dirpath / f"base-step{step:06d}.safetensors"
         save_file(state, f"{path}.tmp", metadata={"global_step": str(step)})
         os.replace(f"{path}.tmp", path)

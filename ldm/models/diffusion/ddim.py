@@ -35,6 +35,8 @@ class DDIMSampler:
         alphas = alphas_cumprod[self.ddim_timesteps]
         alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[self.ddim_timesteps[:-1]]])
         sigmas = ddim_eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+        if ddim_eta == 0:  # deterministic; 0 * (0 / 0) must not make a NaN where alpha_bar rounds to 1
+            sigmas = torch.zeros_like(sigmas)
         device = self.model.alphas_cumprod.device
         self.ddim_alphas = alphas.float().to(device)
         self.ddim_alphas_prev = alphas_prev.float().to(device)
