@@ -79,7 +79,8 @@ class Perfusion(LatentDiffusion):
         if C_inv_path is not None:
             c_inv = load_c_inv(C_inv_path, expected_dim=width)
             self.c_inv_hash = c_inv_hash(c_inv)
-            self.register_buffer("c_inv", c_inv.float(), persistent=False)
+            # float64: C^-1 of a narrow caption set can be badly conditioned, and a = C^-1 i* must stay accurate
+            self.register_buffer("c_inv", c_inv.double(), persistent=False)
         self.strict_loading = False  # Lightning checkpoints hold only the concept state (see on_save_checkpoint)
 
     # ----- edited layers ------------------------------------------------------------------------------------
@@ -141,8 +142,12 @@ class Perfusion(LatentDiffusion):
         """Single-concept edit state from the current i* (training and training-time sampling)."""
         if not hasattr(self, "c_inv"):
             raise RuntimeError("training needs C^-1: set model.params.C_inv_path (see data/estimate_C_inv.py)")
-        self.edit_state.set_targets(self.target_input[None], (self.c_inv @ self.target_input)[None])
+        self.edit_state.set_targets(self.target_input[None], self.c_inv_target_input()[None])
         self.edit_state.set_gating(self.train_beta, self.train_tau)
+
+    def c_inv_target_input(self) -> torch.Tensor:
+        """a = C^-1 i*, computed in float64 (outside any autocast region), returned in float32."""
+        return (self.c_inv @ self.target_input.double()).float()
 
     # ----- training ----------------------------------------------------------------------------------------
     def shared_step(self, batch):
@@ -216,7 +221,7 @@ class Perfusion(LatentDiffusion):
             value_outputs={name: layer.target_output[0] for name, layer in self.value_layers.items()},
             embedding=self.embedding_manager.embeddings[0],
             target_input=self.target_input,
-            c_inv_target_input=self.c_inv @ self.target_input,
+            c_inv_target_input=self.c_inv_target_input(),
             superclass_input=self.superclass_input,
             metadata=self.concept_metadata(),
         )
