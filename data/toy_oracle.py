@@ -204,11 +204,15 @@ def check(reading: Reading, prompt: str) -> dict[str, bool]:
         if colour:
             result["colour"] = largest is not None and largest.colour == colour
     elif len(spec.objects) == 2:
-        found = sorted((o.colour, o.shape) for o in reading.objects[:2])
-        wanted = sorted(spec.objects)
+        found = [(o.colour, o.shape) for o in reading.objects[:2]]
+        first, second = spec.objects
+
+        def matches(seen, wanted):
+            return seen[1] == wanted[1] and (wanted[0] is None or seen[0] == wanted[0])
+
         result["count"] = len(reading.objects) == 2
-        result["both"] = len(found) == 2 and all(
-            f[1] == w[1] and (w[0] is None or f[0] == w[0]) for f, w in zip(found, wanted))
+        result["both"] = len(found) == 2 and any(matches(found[0], a) and matches(found[1], b)
+                                                 for a, b in ((first, second), (second, first)))
     result["all"] = all(result.values())
     return result
 

@@ -110,6 +110,7 @@ def test_oracle_checks_prompts():
     assert check(single, "a photo of a triangle") == {"shape": True, "all": True}
     assert check(single, "a yellow triangle")["colour"] is False
     assert parse_prompt("a photo of a star").objects == [(None, "star")]
+    assert check(reading, "a star and a blue circle")["both"] and not check(reading, "a star and a red circle")["both"]
 
 
 def test_world_rejects_bad_probabilities():
