@@ -27,12 +27,15 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 SIZE = 32  # image side in pixels
 SUPERSAMPLE = 4  # drawn at SIZE * SUPERSAMPLE, then box-downsampled (antialiasing)
@@ -223,10 +226,34 @@ def held_out_captions() -> list[str]:
     return [f"a {c} {s} on a {b} background" for c, s in HELD_OUT_PAIRS for b in BACKGROUNDS]
 
 
+VOCABULARY_TEMPLATES = ("a {}", "a photo of a {}", "a {} {} on a {} background",
+                        "a {} {} and a {} {} on a {} background", "a {} and a {}")
+
+
 def captions_for_c_inv(n: int, seed: int = 1) -> list[str]:
-    """Non-empty captions of the world, for estimating C^-1 of its text encoder."""
+    """Captions for estimating C^-1 of the toy text encoder: ``n`` of the world's own (non-empty) and ``n`` of its
+    templates filled with random words of the CLIP vocabulary.
+
+    Why the second half: C should describe text in general, as the paper's 100K LAION captions do for real CLIP.
+    The world's 17 words leave most directions of the encoder's space without variance, and C^-1 would amplify
+    exactly those directions, in which a newly learned concept embedding differs from every caption; the gate
+    would then open on every token that merely attends to the concept. Random words give those directions the
+    variance a real vocabulary has.
+    """
+    import json
+    import re
+
+    from ldm.modules.encoders.modules import clip_tokenizer_dir
+
     world = ToyWorld(seed=seed, caption_dropout=0.0)
-    return [world.scene(i)[1] for i in range(n)]
+    captions = [world.scene(i)[1] for i in range(n)]
+    vocabulary = json.loads((clip_tokenizer_dir() / "vocab.json").read_text())
+    words = sorted(w[:-4] for w in vocabulary if w.endswith("</w>") and re.fullmatch(r"[a-z]{3,10}", w[:-4]))
+    rng = random.Random(seed)
+    for _ in range(n):
+        template = rng.choice(VOCABULARY_TEMPLATES)
+        captions.append(template.format(*(rng.choice(words) for _ in range(template.count("{}")))))
+    return captions
 
 
 # ----- torch dataset ---------------------------------------------------------------------------------------
@@ -308,15 +335,16 @@ def main(argv=None) -> int:
     parser.add_argument("--concepts", metavar="DIR", help="write toy_<name>/ training folders of both concepts")
     parser.add_argument("--n", type=int, default=6, help="images per concept")
     parser.add_argument("--sheet", metavar="PNG", help="write a sheet of rendered examples with captions")
-    parser.add_argument("--captions", metavar="TXT", help="write non-empty captions, one per line (for C^-1)")
-    parser.add_argument("--n_captions", type=int, default=20000)
+    parser.add_argument("--captions", metavar="TXT", help="write the captions for C^-1, one per line")
+    parser.add_argument("--n_captions", type=int, default=20000, help="world captions (and as many random-word ones)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not (args.concepts or args.sheet or args.captions):
         parser.error("nothing to do: give --concepts DIR, --sheet PNG and/or --captions TXT")
     if args.captions:
-        Path(args.captions).write_text("\n".join(captions_for_c_inv(args.n_captions, seed=args.seed + 1)) + "\n")
-        print(f"{args.n_captions} captions written to {args.captions}")
+        captions = captions_for_c_inv(args.n_captions, seed=args.seed + 1)
+        Path(args.captions).write_text("\n".join(captions) + "\n")
+        print(f"{len(captions)} captions written to {args.captions}")
     if args.concepts:
         for name in CONCEPTS:
             paths = write_concept(name, Path(args.concepts) / name, n=args.n, seed=args.seed)
