@@ -113,3 +113,16 @@ def test_training_on_from_an_exported_model_starts_the_averages_at_its_weights(t
     assert torch.equal(resumed.base_state_dict(use_ema=True)[key], exported[key])
     assert torch.equal(resumed.base_state_dict(use_ema=True)["model.diffusion_model.out.2.weight"],
                        exported["model.diffusion_model.out.2.weight"])
+
+
+def test_offset_noise_shifts_each_channel_by_one_random_value():
+    model = instantiate_from_config(small_toy_config().model)
+    x = torch.zeros(256, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = model.training_noise(x)
+    model.noise_offset = 0.5
+    offset = model.training_noise(x)
+    # per-(sample, channel) means: std 1/32 for plain Gaussian noise, about 0.5 with the offset
+    assert float(plain.mean(dim=(2, 3)).std()) < 0.05
+    assert 0.4 < float(offset.mean(dim=(2, 3)).std()) < 0.6
+    assert 0.9 < float((offset - offset.mean(dim=(2, 3), keepdim=True)).std()) < 1.1

@@ -97,7 +97,8 @@ class DDPM(pl.LightningModule):
                  original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
                  conditioning_key: str | None = None, parameterization: str = "eps", scheduler_config=None,
                  use_positional_encodings: bool = False, learn_logvar: bool = False, logvar_init: float = 0.0,
-                 ema_decay: float = 0.9999, snr_gamma: float | None = None, **ignored: Any):
+                 ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0,
+                 **ignored: Any):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f"parameterization must be eps, x0 or v, not '{parameterization}'")
@@ -120,6 +121,7 @@ class DDPM(pl.LightningModule):
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive (min-SNR weighting) or null, got {snr_gamma}")
         self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         self.learn_logvar = learn_logvar
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
@@ -274,8 +276,18 @@ class DDPM(pl.LightningModule):
     def apply_model(self, x_noisy, t, cond=None):
         return self.model(x_noisy, t)
 
+    def training_noise(self, x_start: torch.Tensor) -> torch.Tensor:
+        """Gaussian noise, plus ``noise_offset`` times one random value per sample and channel ("offset noise"):
+        otherwise the mean of the noise gives away the image's mean colour at high noise levels, and the model
+        learns to take global colour (e.g. the background) from the start noise instead of from the text."""
+        noise = torch.randn_like(x_start)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(*x_start.shape[:2], *([1] * (x_start.dim() - 2)),
+                                                            device=x_start.device, dtype=x_start.dtype)
+        return noise
+
     def p_losses(self, x_start, cond, t, noise=None):
-        noise = default(noise, lambda: torch.randn_like(x_start))
+        noise = default(noise, lambda: self.training_noise(x_start))
         x_noisy = self.q_sample(x_start, t, noise)
         model_output = self.apply_model(x_noisy, t, cond)
         target = self.diffusion_target(x_start, noise, t)
