@@ -3,8 +3,8 @@
 Measured rules, no learning: every pixel takes the nearest colour of the world's palette; the background is the
 black/white majority on the border; objects are connected regions of object colours; an object's shape is the
 template (circle, square, triangle, star) that best overlaps it once stretched over its bounding box; a concept's
-pattern is a test on the colours inside the object (``toy_star``: yellow upper half, blue lower half;
-``toy_dots``: a blue square with yellow spots in at least three of its quadrants).
+pattern is a test on the colours inside a star-like or square-like object (``toy_star``: yellow upper half, blue
+lower half; ``toy_dots``: a blue square with yellow spots in at least three of its quadrants).
 
 ``python data/toy_oracle.py --validate`` scores the oracle on freshly rendered scenes (seed never used in
 training); ``python data/toy_oracle.py image.png ... --prompt "..."`` reads images and checks them against prompts.
@@ -102,30 +102,34 @@ def _template(shape: str, width: int, height: int) -> np.ndarray:
     return np.asarray(stretched.resize((width, height), Image.Resampling.BOX)) >= 128
 
 
-def classify_shape(region_mask: np.ndarray) -> tuple[str, float]:
-    """Best-overlapping shape template (IoU) for a boolean mask cropped to its bounding box."""
+def shape_scores(region_mask: np.ndarray) -> dict[str, float]:
+    """Overlap (IoU) of a boolean mask, cropped to its bounding box, with each shape template stretched over it."""
     height, width = region_mask.shape
     scores = {}
     for shape in SHAPES:
         template = _template(shape, width, height)
         union = np.logical_or(template, region_mask).sum()
         scores[shape] = float(np.logical_and(template, region_mask).sum() / max(union, 1))
-    best = max(scores, key=scores.get)
-    return best, scores[best]
+    return scores
 
 
 # ----- concept patterns --------------------------------------------------------------------------------------
-def find_pattern(shape: str, labels: np.ndarray, region: np.ndarray) -> str | None:
-    """Which toy concept's pattern an object shows, if any."""
+PATTERN_MIN_OVERLAP = 0.4  # a concept's pattern counts on an object that overlaps its super-class shape this much
+
+
+def find_pattern(scores: dict[str, float], labels: np.ndarray, region: np.ndarray) -> str | None:
+    """Which toy concept's pattern an object shows, if any. The object must be star-like (toy_star) or square-like
+    (toy_dots), not necessarily classified as such: generated concept stars are often drawn taller than the
+    templates (the yellow point larger), and the colour pattern alone never occurs in the world."""
     yellow, blue = PALETTE_NAMES.index("yellow"), PALETTE_NAMES.index("blue")
     values = labels[region[:, 0], region[:, 1]]
     ys, xs = region[:, 0], region[:, 1]
     cy, cx = ys.mean(), xs.mean()
-    if shape == "star":
+    if scores["star"] >= PATTERN_MIN_OVERLAP:
         top, bottom = values[ys < cy - 0.5], values[ys > cy + 0.5]
         if len(top) and len(bottom) and (top == yellow).mean() >= 0.6 and (bottom == blue).mean() >= 0.6:
             return "toy_star"
-    if shape == "square":
+    if scores["square"] >= PATTERN_MIN_OVERLAP:
         yellow_share = (values == yellow).mean()
         if (values == blue).mean() >= 0.5 and 0.03 <= yellow_share <= 0.4:
             is_yellow = values == yellow
@@ -158,12 +162,13 @@ def read_image(image) -> Reading:
         ys, xs = region[:, 0], region[:, 1]
         crop = np.zeros((ys.max() - ys.min() + 1, xs.max() - xs.min() + 1), dtype=bool)
         crop[ys - ys.min(), xs - xs.min()] = True
-        shape, score = classify_shape(crop)
+        scores = shape_scores(crop)
+        shape = max(scores, key=scores.get)
         values = labels[ys, xs]
         fractions = {name: float((values == i).mean()) for i, name in enumerate(COLOURS) if (values == i).any()}
         colour = max(fractions, key=fractions.get)
-        objects.append(ObjectReading(colour, shape, score, len(region), float(xs.mean()), float(ys.mean()),
-                                     fractions, find_pattern(shape, labels, region)))
+        objects.append(ObjectReading(colour, shape, scores[shape], len(region), float(xs.mean()), float(ys.mean()),
+                                     fractions, find_pattern(scores, labels, region)))
     objects.sort(key=lambda o: -o.area)
     return Reading(background, objects)
 
