@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
     sheet_path = out / "demo_sheet.png"
     make_sheet(rows, columns, args.show).save(sheet_path)
     if args.sheet_copy:
-        make_sheet(rows, columns, args.show).save(REPO / args.sheet_copy)
+        (REPO / args.sheet_copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sheet_path, REPO / args.sheet_copy)
     report = {row["label"]: {"prompt": row["prompts"][1], **row["scores"][columns[1]],
                              "base": row["scores"][columns[0]]} for row in rows}
     (out / "scores.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,101 @@
+"""The shipped toy base model (ckpt/toy/): it loads through the public paths, draws what it is asked for (read by
+the toy oracle), its C^-1 is what data/estimate_C_inv.py makes, its shipped concept works, and make demo's steps
+run (at reduced steps)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TOY = REPO / "ckpt" / "toy"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def run(args, timeout=900):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    from scripts.toy_eval import load_model
+
+    return load_model("configs/toy/inference.yaml", str(TOY / "base.safetensors"))
+
+
+def test_shipped_files_are_small_and_present():
+    for name in ("base.safetensors", "C_inv.npy", "toy_dots.safetensors", "README.md"):
+        assert (TOY / name).is_file(), name
+    total = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())
+    assert total < 30 * 1024 * 1024, total
+
+
+def test_the_seeds_command_samples_the_base_model(tmp_path):
+    result = run(["scripts/perfusion_txt2img.py", "--config", "configs/toy/inference.yaml", "--ckpt",
+                  TOY / "base.safetensors", "--prompt", "a red star on a white background", "--n_samples", 4,
+                  "--n_iter", 1, "--steps", 20, "--outdir", tmp_path])
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    from data.toy_oracle import check, read_image
+
+    samples = sorted((tmp_path / "samples").glob("*.png"))
+    assert len(samples) == 4 and all(Image.open(p).size == (32, 32) for p in samples)
+    checks = [check(read_image(p), "a red star on a white background") for p in samples]
+    assert sum(c["colour"] for c in checks) >= 3 and sum(c["background"] for c in checks) >= 3
+
+
+def test_base_model_follows_prompts_well_above_chance(toy_model):
+    from scripts.toy_eval import prompt_sets, sample, score
+
+    prompts = prompt_sets(16, seed=5)["seen"]
+    scores = score(sample(toy_model, prompts, steps=20, scale=4.0, seed=5), prompts)
+    # chance: colour 1/4, shape 1/4, background 1/2
+    assert scores["colour"] >= 0.8 and scores["background"] >= 0.8 and scores["shape"] >= 0.6, scores
+
+
+def test_shipped_c_inv_is_reproduced_by_estimate_c_inv(tmp_path):
+    from perfusion.covariance import load_c_inv
+
+    captions = tmp_path / "captions.txt"
+    assert run(["data/toy_world.py", "--captions", captions]).returncode == 0
+    result = run(["data/estimate_C_inv.py", "--caption", captions, "--config", "configs/toy/inference.yaml",
+                  "--ckpt", TOY / "base.safetensors", "--save_path", tmp_path / "C_inv.npy"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    shipped, fresh = load_c_inv(TOY / "C_inv.npy", expected_dim=128), load_c_inv(tmp_path / "C_inv.npy")
+    assert torch.allclose(shipped, fresh, rtol=1e-6, atol=1e-8 * float(shipped.abs().max()))
+    assert torch.linalg.eigvalsh(shipped).min() > 0
+
+
+def test_shipped_concept_draws_its_pattern(toy_model):
+    from data.toy_oracle import concept_found, read_image
+    from perfusion.concept_file import load_concept
+    from scripts.toy_eval import load_model, sample
+
+    concept = load_concept(TOY / "toy_dots.safetensors")
+    assert concept.metadata["superclass"] == "square" and concept.metadata["base_model"] == "sd1"
+    plain = sample(toy_model, ["a photo of a square"] * 8, steps=20, scale=4.0, seed=3)
+    model = load_model("configs/toy/inference.yaml", str(TOY / "base.safetensors"))
+    model.load_concepts([concept], beta=0.7, tau=0.15)
+    images = sample(model, ["a photo of a *"] * 8, steps=20, scale=4.0, seed=3)
+    found = np.mean([concept_found(read_image(im), "toy_dots") for im in images])
+    found_plain = np.mean([concept_found(read_image(im), "toy_dots") for im in plain])
+    assert found >= 0.5 and found_plain <= 0.15, (found, found_plain)
+
+
+def test_demo_runs_at_reduced_steps(tmp_path):
+    out = tmp_path / "demo"
+    result = run(["scripts/demo.py", "--outdir", out, "--train_steps", 6, "--steps", 5, "--n_samples", 2,
+                  "--show", 2])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (out / "demo_sheet.png").is_file() and (out / "logs" / "toy_star.safetensors").is_file()
+    scores = json.loads((out / "scores.json").read_text())
+    assert len(scores) == 5 and "found toy_star" in scores["plain"]
+    assert "found toy_dots" in scores["two concepts"]
+    assert list((out / "logs").glob("*_toy_star/tensorboard/events.out.tfevents.*"))
+    assert "Sheet:" in result.stdout
