@@ -119,6 +119,7 @@ def test_offset_noise_shifts_each_channel_by_one_random_value():
     model = instantiate_from_config(small_toy_config().model)
     x = torch.zeros(256, 3, 32, 32)
     torch.manual_seed(0)
+    model.noise_offset = 0.0
     plain = model.training_noise(x)
     model.noise_offset = 0.5
     offset = model.training_noise(x)
