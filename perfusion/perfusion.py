@@ -263,27 +263,13 @@ class Perfusion(LatentDiffusion):
     # ----- images for the logger ------------------------------------------------------------------------------
     @torch.no_grad()
     def log_images(self, batch, N: int = 4, sample: bool = True, ddim_steps: int | None = None, **kwargs):
-        from ldm.models.diffusion.ddim import DDIMSampler
-
-        N = min(N, len(batch[self.cond_stage_key]))
-        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x))
-        log = {"inputs": x, "reconstruction": self.decode_first_stage(z)}
+        """The base model's log (inputs, reconstruction, samples with the current concept) plus the masks."""
+        sample = sample and bool(self.targets_initialized)
+        if sample:
+            self.apply_training_targets()
+        log = super().log_images(batch, N, sample=sample, ddim_steps=ddim_steps or self.sample_steps,
+                                 scale=self.sample_scale)
         if "mask" in batch:
-            log["mask"] = batch["mask"][:N, None].to(self.device).float().mul(2).sub(1).expand(-1, 3, -1, -1)
-        if not sample or not bool(self.targets_initialized):
-            return log
-        self.apply_training_targets()
-        prompts = list(batch[self.cond_stage_key])[:N]
-        c = self.get_learned_conditioning(prompts)
-        uc = self.get_learned_conditioning([""] * N)
-        sampler = DDIMSampler(self)
-        steps = ddim_steps or self.sample_steps
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        x_T = torch.randn(z.shape, generator=generator, device=self.device)
-        for label, scale in (("samples", 1.0), (f"samples_scale{self.sample_scale:g}", self.sample_scale)):
-            latents, _ = sampler.sample(S=steps, batch_size=N, shape=z.shape[1:], conditioning=c, x_T=x_T,
-                                        unconditional_conditioning=uc, unconditional_guidance_scale=scale,
-                                        verbose=False)
-            log[label] = self.decode_first_stage(latents)
+            n = log["inputs"].shape[0]
+            log["mask"] = batch["mask"][:n, None].to(self.device).float().mul(2).sub(1).expand(-1, 3, -1, -1)
         return log

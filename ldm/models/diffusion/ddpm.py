@@ -16,6 +16,8 @@ from ldm.modules.ema import LitEma
 from ldm.util import CheckpointError, count_params, default, instantiate_from_config, load_state_dict
 
 BACKBONE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+# (EMA attribute, averaged module): the UNet always, the text encoder when it is trained too.
+EMA_OF = (("model_ema", "model"), ("cond_stage_model_ema", "cond_stage_model"))
 TEXT_ENCODER_FAMILIES = {
     "cond_stage_model.transformer.": "Stable Diffusion 1.x (CLIP ViT-L/14 text encoder)",
     "cond_stage_model.model.": "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder)",
@@ -243,7 +245,7 @@ class DDPM(pl.LightningModule):
     def _restart_ema_without_averages(self, state: dict) -> None:
         """A checkpoint without EMA buffers (e.g. an exported EMA-only model) starts the averages at the loaded
         weights, so that training on from it does not average with the random initialisation."""
-        for ema_name, module_name in (("model_ema", "model"), ("cond_stage_model_ema", "cond_stage_model")):
+        for ema_name, module_name in EMA_OF:
             ema = getattr(self, ema_name, None)
             if isinstance(ema, LitEma) and not any(k.startswith(f"{ema_name}.") for k in state):
                 setattr(self, ema_name, LitEma(getattr(self, module_name), decay=float(ema.decay)))
@@ -253,8 +255,8 @@ class DDPM(pl.LightningModule):
         return set()
 
     def ema_pairs(self) -> list[tuple[LitEma, nn.Module]]:
-        """(EMA, module) pairs kept by this model: the UNet, and subclasses may add more."""
-        return [(self.model_ema, self.model)] if self.use_ema else []
+        """(EMA, module) pairs kept by this model: the UNet, and a text encoder trained with it."""
+        return [(getattr(self, e), getattr(self, m)) for e, m in EMA_OF if isinstance(getattr(self, e, None), LitEma)]
 
     @contextmanager
     def ema_scope(self, context: str | None = None):
@@ -422,12 +424,6 @@ class LatentDiffusion(DDPM):
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device).long()
         return self.p_losses(z, c, t)
 
-    def ema_pairs(self):
-        pairs = super().ema_pairs()
-        if hasattr(self, "cond_stage_model_ema"):
-            pairs.append((self.cond_stage_model_ema, self.cond_stage_model))
-        return pairs
-
     def trainable_parameters(self):
         params = super().trainable_parameters()
         if self.cond_stage_trainable:
@@ -437,7 +433,7 @@ class LatentDiffusion(DDPM):
     def base_state_dict(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
         """The base model in the original checkpoint layout (UNet, first stage, text encoder, noise schedule), EMA
         weights by default, without the EMA copies themselves: what ``init_from_ckpt`` loads."""
-        ema_prefixes = ("model_ema.", "cond_stage_model_ema.")
+        ema_prefixes = tuple(f"{ema_name}." for ema_name, _ in EMA_OF)
         scope = self.ema_scope() if use_ema else contextlib.nullcontext()
         with scope:
             return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(ema_prefixes)}
@@ -445,13 +441,14 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def log_images(self, batch, N: int = 4, sample: bool = True, ddim_steps: int | None = None,
                    scale: float = 4.0, **kwargs):
-        """Inputs and DDIM samples (EMA weights) of the batch's captions, with and without guidance."""
+        """Inputs, reconstructions and DDIM samples (EMA weights) of the batch's captions, with and without
+        guidance."""
         from ldm.models.diffusion.ddim import DDIMSampler
 
         N = min(N, len(batch[self.cond_stage_key]))
         x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
         z = self.get_first_stage_encoding(self.encode_first_stage(x))
-        log = {"inputs": x}
+        log = {"inputs": x, "reconstruction": self.decode_first_stage(z)}
         if not sample:
             return log
         generator = torch.Generator(device=self.device).manual_seed(0)
