@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import inspect
 import json
 import os
 import shutil
@@ -30,7 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddpm import BACKBONE_PREFIXES
-from ldm.util import instantiate_from_config
+from ldm.util import (ConfigError, MissingFileError, UserError, accepted_parameters, check_config_keys,
+                      instantiate_from_config, one_line_warnings, validate_config)
 
 # The frozen base model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
@@ -56,7 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--name", type=str, default="", help="experiment name (log folder, concept file)")
     parser.add_argument("-b", "--base", nargs="*", metavar="config.yaml", default=[],
                         help="configs, merged left to right; later ones and dotlist overrides win")
-    parser.add_argument("--basedir", type=str, default="logs", help="where log folders and concepts go")
+    parser.add_argument("--basedir", type=str, default=None,
+                        help="where log folders and concepts go (default: logs; with -r: the log folder's parent)")
     parser.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
     parser.add_argument("--gpus", type=str, default=None, help="CUDA devices, e.g. '0,' or '0,1'; absent: CPU")
     parser.add_argument("--num_nodes", type=int, default=None, help="nodes for multi-node DDP")
@@ -68,8 +71,15 @@ def get_parser() -> argparse.ArgumentParser:
 
 # ----- data ------------------------------------------------------------------------------------------------
 class DataModuleFromConfig(pl.LightningDataModule):
+    UNUSED_CONFIG_KEYS = {
+        "wrap": "datasets are not wrapped; the training length is lightning.trainer.max_steps",
+        "test": "there is no test loop",
+        "predict": "there is no predict loop",
+        "use_worker_init_fn": "augmentations are seeded per item and epoch by the dataset",
+    }
+
     def __init__(self, batch_size: int, train=None, validation=None, num_workers: int | None = None,
-                 wrap: bool = False, shuffle: bool = True, **ignored):
+                 shuffle: bool = True):
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = min(num_workers if num_workers is not None else batch_size * 2, os.cpu_count() or 1)
@@ -78,7 +88,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.datasets = {}
 
     def setup(self, stage=None):
-        self.datasets = {k: instantiate_from_config(cfg) for k, cfg in self.dataset_configs.items()}
+        if not self.datasets:  # main() builds them before the log folder exists, so bad data fails early
+            self.datasets = {k: instantiate_from_config(cfg) for k, cfg in self.dataset_configs.items()}
 
     def train_dataloader(self):
         dataset = self.datasets["train"]
@@ -210,11 +221,13 @@ class ThreadTuner(Callback):
     steps become ``slowdown`` times slower than the last measurement (another process took a core).
 
     On a shared machine two threads can be many times slower than one (a busy core stalls every parallel
-    region); on an idle one two are faster. Each candidate runs ``probe`` steps; the fastest median is kept.
+    region); on an idle one two are faster. Each candidate runs ``probe`` steps; the fastest median is kept. A
+    candidate whose step takes ``2 * slowdown`` times the best median measured so far is dropped at once, so a
+    collapsed setting costs one step, not ``probe``.
     """
 
     def __init__(self, candidates=(1, 2), period: int = 500, probe: int = 6, slowdown: float = 1.5,
-                 window: int = 8):
+                 window: int = 3):
         available = os.cpu_count() or 1
         self.candidates = [c for c in candidates if c <= available] or [1]
         self.period, self.probe, self.slowdown, self.window = period, probe, slowdown, window
@@ -254,6 +267,9 @@ class ThreadTuner(Callback):
             return
         threads = self.queue.pop(0)
         self.timings.setdefault(threads, []).append(elapsed)
+        others = [self._median(v) for c, v in self.timings.items() if c != threads]
+        if others and elapsed > 2 * self.slowdown * min(others):
+            self.queue = [c for c in self.queue if c != threads]
         if not self.queue:
             best = min(self.timings, key=lambda c: self._median(self.timings[c]))
             self.reference = self._median(self.timings[best])
@@ -267,8 +283,18 @@ class ThreadTuner(Callback):
 class ImageLogger(Callback):
     """Saves input/reconstruction/mask/sample grids as PNG and to TensorBoard every ``batch_frequency`` steps."""
 
-    def __init__(self, logdir: str, batch_frequency: int = 25, max_images: int = 4, frequency_base: int = 5,
-                 clamp: bool = True, log_first_step: bool = False, ddim_steps: int | None = None, **ignored):
+    UNUSED_CONFIG_KEYS = {
+        "increase_log_steps": "images are logged every batch_frequency optimizer steps, not on a log scale",
+        "frequency_base": "images are logged every batch_frequency optimizer steps, not on a log scale",
+        "disabled": "set batch_frequency to a number above max_steps instead",
+        "log_on_batch_idx": "images are logged by optimizer step",
+        "log_images_kwargs": "use ddim_steps and max_images",
+        "rescale": "images are always mapped from [-1, 1] to [0, 1]",
+        "log_all_val": "there is no validation loop",
+    }
+
+    def __init__(self, logdir: str, batch_frequency: int = 25, max_images: int = 4, clamp: bool = True,
+                 log_first_step: bool = False, ddim_steps: int | None = None):
         self.folder = Path(logdir) / "images" / "train"
         self.batch_frequency, self.max_images, self.clamp = batch_frequency, max_images, clamp
         self.log_first_step, self.ddim_steps = log_first_step, ddim_steps
@@ -305,7 +331,7 @@ def resolve_resume(opt):
     """-r accepts a log folder or a checkpoint inside it; returns (logdir, ckpt path, base configs)."""
     path = Path(opt.resume)
     if not path.exists():
-        raise SystemExit(f"--resume {opt.resume}: no such log folder or checkpoint")
+        raise MissingFileError(f"--resume {opt.resume}: no such log folder or checkpoint")
     if path.is_file():
         logdir = path.parent.parent
         ckpt = path
@@ -313,9 +339,29 @@ def resolve_resume(opt):
         logdir = path
         ckpt = path / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {ckpt} (training wrote none yet?)")
+        raise MissingFileError(f"--resume: no checkpoint at {ckpt} (training wrote none yet?)")
     base = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
+    if not base:
+        raise MissingFileError(f"--resume {opt.resume}: {logdir / 'configs'} holds no config snapshot; "
+                               "give the log folder that main.py wrote")
     return logdir, ckpt, base
+
+
+def keep_newer_outputs(logdir: Path, ckpt: Path, final_concept: Path) -> None:
+    """Resuming from a checkpoint older than the run's last.ckpt would overwrite last.ckpt and the final concept
+    with an older line of training: keep copies of both (stamped with the time of last.ckpt) and say so."""
+    last = logdir / "checkpoints" / "last.ckpt"
+    if ckpt.resolve() == last.resolve() or not last.is_file() or last.stat().st_mtime <= ckpt.stat().st_mtime:
+        return
+    stamp = datetime.datetime.fromtimestamp(last.stat().st_mtime).strftime("%Y-%m-%dT%H-%M-%S")
+    kept = [last.with_name(f"last-before-resume-{stamp}.ckpt")]
+    shutil.copyfile(last, kept[0])
+    if final_concept.is_file():
+        kept.append(final_concept.with_name(f"{final_concept.stem}-before-resume-{stamp}.safetensors"))
+        shutil.copyfile(final_concept, kept[1])
+    print(f"note: {ckpt.name} is older than last.ckpt; training from it replaces last.ckpt"
+          f"{' and ' + str(final_concept) if final_concept.is_file() else ''}. The newer files are kept as "
+          f"{' and '.join(map(str, kept))}.", file=sys.stderr)
 
 
 def check_model_files(model_config) -> None:
@@ -323,7 +369,7 @@ def check_model_files(model_config) -> None:
     params = model_config.get("params", {})
     ckpt = params.get("ckpt_path")
     if ckpt and not Path(ckpt).is_file():
-        raise SystemExit(
+        raise MissingFileError(
             f"base checkpoint not found: {ckpt}\n"
             f"Download Stable Diffusion into ./ckpt/: SD 1.5 from {BASE_WEIGHTS_HELP['v1-5']}\n"
             f"or SD 2.1 from {BASE_WEIGHTS_HELP['v2-1']}, or set model.params.ckpt_path=<path> on the command line."
@@ -331,11 +377,23 @@ def check_model_files(model_config) -> None:
     c_inv = params.get("C_inv_path")
     if c_inv and not Path(c_inv).is_file():
         kind = "openclip" if "OpenCLIP" in str(params.get("cond_stage_config", {}).get("target", "")) else "clip"
-        raise SystemExit(
+        raise MissingFileError(
             f"C^-1 file not found: {c_inv}\n"
             f"Make it once per text encoder: python data/estimate_C_inv.py --caption captions.txt --type {kind} "
-            f"--save_path {c_inv}\n(see README, 'Estimating C^-1'), or set model.params.C_inv_path=<path>."
+            f"--ckpt {ckpt or '<base checkpoint>'} --save_path {c_inv}  (README: 'Estimating C^-1')"
         )
+
+
+def check_training_config(model_config) -> None:
+    """A concept model must say which super-class its keys lock to: without initializer words the embedding
+    would stay inactive and never learn."""
+    personalization = model_config.get("params", {}).get("personalization_config")
+    if personalization is None:
+        return
+    words = (personalization.get("params") or {}).get("initializer_words")
+    if not words:
+        raise ConfigError("model.params.personalization_config.params.initializer_words is missing: training needs "
+                          "the concept's super-class word, e.g. initializer_words: [teddy]")
 
 
 def fill_dataset_words(config, seed: int) -> None:
@@ -357,7 +415,7 @@ def trainer_settings(opt, lightning_config) -> dict:
     settings.pop("gpus", None)
     if opt.gpus is not None and opt.gpus.strip(", ") != "":
         if not torch.cuda.is_available():
-            raise SystemExit(f"--gpus {opt.gpus} asks for CUDA, but torch sees no CUDA device; "
+            raise UserError(f"--gpus {opt.gpus} asks for CUDA, but torch sees no CUDA device; "
                              "drop --gpus to train on the CPU")
         devices = [int(g) for g in opt.gpus.split(",") if g.strip() != ""]
         settings.update(accelerator="gpu", devices=devices)
@@ -382,38 +440,75 @@ def trainer_settings(opt, lightning_config) -> dict:
 
 
 def main(argv=None):
+    """Command-line entry: a user error (bad file, value or config) prints one or two lines on stderr, exits with
+    code 2 and leaves no half-made log folder; internal errors keep their traceback."""
+    created: list[Path] = []
+    one_line_warnings()
+    try:
+        return train(argv, created)
+    except UserError as err:
+        for folder in created:
+            if folder.is_dir() and not any((folder / "checkpoints").glob("*.ckpt")):
+                shutil.rmtree(folder, ignore_errors=True)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def train(argv=None, created: list | None = None):
+    """Build the model, data and trainer from the configs and train; ``created`` receives the new log folder."""
     parser = get_parser()
     opt, unknown = parser.parse_known_args(argv)
     if opt.name and opt.resume:
-        raise SystemExit("-n/--name and -r/--resume cannot be given together (resume keeps the old name)")
+        raise UserError("-n/--name and -r/--resume cannot be given together (resume keeps the old name)")
+    if not opt.train:
+        what = f"-r {opt.resume} -t" if opt.resume else "-t"
+        raise UserError(f"nothing to do: add {what} to train (main.py only trains; generate with "
+                        "scripts/perfusion_txt2img.py)")
     ckpt = None
     if opt.resume:
         logdir, ckpt, resumed_base = resolve_resume(opt)
         opt.base = resumed_base + opt.base
-        # the log folder is <time>_<name><postfix>
+        # the log folder is <time>_<name><postfix>; it lives in the run's basedir
         name = logdir.name.split("_", 1)[-1].removesuffix(opt.postfix)
+        if opt.basedir is not None and Path(opt.basedir).resolve() != logdir.parent.resolve():
+            raise UserError(f"--basedir {opt.basedir} differs from the resumed run's folder {logdir.parent}; "
+                            "drop --basedir (a resumed run stays where it was started)")
+        basedir = logdir.parent
     else:
         if not opt.base:
-            raise SystemExit("give at least one config with --base (e.g. --base configs/perfusion_teddy.yaml)")
+            raise UserError("give at least one config with --base (e.g. --base configs/perfusion_teddy.yaml)")
         name = opt.name or Path(opt.base[0]).stem
         now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-        logdir = Path(opt.basedir) / f"{now}_{name}{opt.postfix}"
+        basedir = Path(opt.basedir if opt.basedir is not None else "logs")
+        logdir = basedir / f"{now}_{name}{opt.postfix}"
     for path in opt.base:
         if not Path(path).is_file():
-            raise SystemExit(f"config not found: {path}")
-    configs = [OmegaConf.load(p) for p in opt.base]
+            raise MissingFileError(f"config not found: {path}")
+    try:
+        configs = [OmegaConf.load(p) for p in opt.base]
+    except Exception as err:
+        raise ConfigError(f"could not read the configs {opt.base}: {str(err).splitlines()[0]}") from err
     try:
         cli = OmegaConf.from_dotlist(unknown)
     except Exception as err:
-        raise SystemExit(f"could not read overrides {unknown}: {err} (use key.sub=value)")
+        raise ConfigError(f"could not read overrides {unknown}: {str(err).splitlines()[0]} (use key.sub=value)")
     config = OmegaConf.merge(*configs, cli)
     lightning_config = config.pop("lightning", OmegaConf.create())
+    check_config_keys("config", list(config.keys()), {"model", "data"})
+    if "model" not in config or "data" not in config:
+        raise ConfigError(f"the configs {opt.base} need a 'model' and a 'data' section")
+    validate_config(config.model, "model")
+    validate_config(config.data, "data")
+    check_lightning_config(lightning_config)
 
-    pl.seed_everything(opt.seed, workers=True)
+    pl.seed_everything(opt.seed, workers=True, verbose=False)
     check_model_files(config.model)
+    check_training_config(config.model)
     fill_dataset_words(config, opt.seed)
     settings = trainer_settings(opt, lightning_config)
 
+    data = instantiate_from_config(config.data)
+    data.setup("fit")  # reads and checks every image and mask now, before the slow model build
     model = instantiate_from_config(config.model)
     for key in ("embedding_learning_rate", "target_output_learning_rate"):
         if key in config.model:
@@ -427,6 +522,10 @@ def main(argv=None):
     every = int(checkpoint_params.pop("every_n_train_steps", 100))
     callback_configs = OmegaConf.to_container(lightning_config.get("callbacks", OmegaConf.create()), resolve=True)
     image_params = (callback_configs.pop("image_logger", None) or {}).get("params", {})
+    for key in check_config_keys("lightning.callbacks.image_logger.params", image_params,
+                                 accepted_parameters(ImageLogger) - {"logdir"}, ImageLogger.UNUSED_CONFIG_KEYS):
+        image_params.pop(key)
+    final_concept = basedir / f"{name}.safetensors"
     callbacks = [
         OptimizerStepProgressBar(),
         DatasetEpoch(),
@@ -435,26 +534,48 @@ def main(argv=None):
         ImageLogger(str(logdir), **image_params),
     ]
     if hasattr(model, "save_concept_file"):
-        callbacks.append(ConceptCheckpoint(str(logdir / "concepts"), name, every,
-                                           final_copy=str(Path(opt.basedir) / f"{name}.safetensors") if opt.train
-                                           else None))
+        callbacks.append(ConceptCheckpoint(str(logdir / "concepts"), name, every, final_copy=str(final_concept)))
     else:  # training a base model: export it in the original layout
         callbacks.append(BaseModelExport(str(ckptdir), every))
     callbacks += [instantiate_from_config(c) for c in callback_configs.values()]
     logger = TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version="")
-    trainer = pl.Trainer(logger=logger, callbacks=callbacks, default_root_dir=str(logdir), **settings)
+    try:
+        trainer = pl.Trainer(logger=logger, callbacks=callbacks, default_root_dir=str(logdir), **settings)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"lightning.trainer: {err}") from err
 
+    if ckpt is not None:
+        keep_newer_outputs(logdir, ckpt, final_concept)
     if trainer.is_global_zero:
+        if not logdir.exists() and created is not None:
+            created.append(logdir)
         cfgdir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
         OmegaConf.save(config, cfgdir / f"{stamp}-project.yaml")
         OmegaConf.save(OmegaConf.create({"lightning": lightning_config}), cfgdir / f"{stamp}-lightning.yaml")
         print(f"logging to {logdir}")
 
-    data = instantiate_from_config(config.data)
-    if opt.train:
-        trainer.fit(model, data, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(model, data, ckpt_path=str(ckpt) if ckpt else None)
     return trainer, model
+
+
+def check_lightning_config(lightning_config) -> None:
+    """Unknown sections of ``lightning:`` are errors; the trainer's own keys are checked by Lightning."""
+    check_config_keys("lightning", list(lightning_config.keys()),
+                      {"trainer", "callbacks", "modelcheckpoint_step"},
+                      {"modelcheckpoint": "checkpoints are written by step: use lightning.modelcheckpoint_step",
+                       "logger": "the logger is TensorBoard, under the log folder"})
+    trainer_keys = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    check_config_keys("lightning.trainer", list((lightning_config.get("trainer") or {}).keys()), trainer_keys,
+                      {"gpus": "use --gpus on the command line"})
+    step = lightning_config.get("modelcheckpoint_step") or {}
+    check_config_keys("lightning.modelcheckpoint_step", list(step.keys()), {"params", "target"})
+    known = set(inspect.signature(ModelCheckpoint.__init__).parameters) - {"self"}
+    check_config_keys("lightning.modelcheckpoint_step.params", list((step.get("params") or {}).keys()), known)
+    callbacks = lightning_config.get("callbacks") or {}
+    for name, entry in callbacks.items():
+        if name != "image_logger":
+            validate_config(entry, f"lightning.callbacks.{name}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Estimate C^-1, the inverse uncentered covariance of text-encoder token encodings, from a caption file.
 
     python data/estimate_C_inv.py --caption captions.txt --type clip \
-        --ckpt ckpt/v1-5-pruned-emaonly.ckpt --save_path ckpt/C_inv_sd1.npy
+        --ckpt ckpt/v1-5-pruned-emaonly.ckpt --save_path ckpt/C_inv.npy
     python data/estimate_C_inv.py --caption captions.txt --config configs/perfusion_inference_sd_v2.yaml \
-        --ckpt ckpt/v2-1_512-ema-pruned.ckpt --save_path ckpt/C_inv_sd2.npy
+        --ckpt ckpt/v2-1_512-ema-pruned.ckpt --save_path ckpt/C_inv_sd_v2.npy
+
+(the paths the training configs read: configs/perfusion_teddy.yaml and configs/perfusion_teddy_sd_v2.yaml)
 
 C = (1/N) sum e e^T over REAL token positions only: the start token through the first EOS, inclusive.
 The padding after EOS is not text: in a 77-token sequence it is most of the positions, and its encodings
@@ -13,6 +15,7 @@ including them would make C describe padding rather than language. The sums are 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from ldm.util import BadValueError, ConfigError, MissingFileError, UserError, one_line_warnings  # noqa: E402
 from perfusion.covariance import save_c_inv  # noqa: E402
 
 RCOND = 1e-12  # smallest eigenvalue of C accepted, relative to the largest
@@ -38,10 +42,10 @@ def read_captions(path: str | Path, n_captions: int | None = None) -> list[str]:
     """Non-empty lines of ``path`` (stripped), the first ``n_captions`` of them when given."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--caption file not found: {path} (expected a text file, one caption per line)")
+        raise MissingFileError(f"--caption file not found: {path} (expected a text file, one caption per line)")
     captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not captions:
-        raise ValueError(f"--caption file {path} holds no captions")
+        raise BadValueError(f"--caption file {path} holds no captions")
     return captions[:n_captions] if n_captions else captions
 
 
@@ -81,7 +85,7 @@ def invert_covariance(second_moment: torch.Tensor, n_tokens: int, eps: float = 0
     chol, info = torch.linalg.cholesky_ex(cov)
     # Below RCOND the inverse is dominated by rounding (float64 has ~16 digits): treat C as singular.
     if info.item() != 0 or eigenvalues[0] <= RCOND * eigenvalues[-1]:
-        raise ValueError(
+        raise BadValueError(
             f"C is singular / not positive definite (N = {n_tokens} token vectors for dimension {dim}, "
             f"eigenvalues {eigenvalues[0].item():.3g} .. {eigenvalues[-1].item():.3g}). Use more captions (N should be far above {dim}) "
             "or add a ridge with --eps (e.g. --eps 1e-6)."
@@ -99,7 +103,7 @@ def _encoder_config(args) -> dict:
         config = OmegaConf.load(args.config)
         cond = OmegaConf.select(config, "model.params.cond_stage_config")
         if cond is None:
-            raise ValueError(f"--config {args.config} has no model.params.cond_stage_config")
+            raise ConfigError(f"--config {args.config} has no model.params.cond_stage_config")
         return OmegaConf.to_container(cond, resolve=True)
     return ENCODER_TARGETS[args.type]
 
@@ -110,11 +114,6 @@ def build_encoder(args):
     from ldm.util import instantiate_from_config, load_state_dict
 
     config = _encoder_config(args)
-    if args.ckpt is None and not args.encoder_config:
-        raise ValueError(
-            "--ckpt is required with --type/--config: the text encoder is built from its config without weights, "
-            "and its weights come from the Stable Diffusion checkpoint (e.g. --ckpt ckpt/v1-5-pruned-emaonly.ckpt)."
-        )
     torch.manual_seed(args.seed)  # only matters for randomly initialised test encoders
     encoder = instantiate_from_config(config)
     if args.ckpt is not None:
@@ -143,11 +142,38 @@ def parse_args(argv=None):
         parser.error("--eps must be >= 0")
     if args.n_captions is not None and args.n_captions < 1:
         parser.error("--n_captions must be >= 1")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
     return args
+
+
+def check_arguments(args) -> None:
+    """Every file argument, before the (possibly hours-long) covariance pass: output path, checkpoint, configs."""
+    if not Path(args.caption).is_file():
+        raise MissingFileError(f"--caption file not found: {args.caption} (expected a text file, one caption per "
+                               "line)")
+    save = Path(args.save_path)
+    if save.suffix.lower() != ".npy" or save.is_dir():
+        raise BadValueError(f"--save_path {save}: give a file name ending in .npy (e.g. ckpt/C_inv.npy)")
+    try:
+        save.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadValueError(f"--save_path {save}: cannot create the folder {save.parent} ({err.strerror})") from err
+    if not os.access(save.parent, os.W_OK):
+        raise BadValueError(f"--save_path {save}: the folder {save.parent} is not writable")
+    for flag in ("ckpt", "config", "encoder_config"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).is_file():
+            raise MissingFileError(f"--{flag} {value}: file not found")
+    if args.ckpt is None and not args.encoder_config:
+        raise BadValueError(
+            "--ckpt is required with --type/--config: the text encoder's weights come from the Stable Diffusion "
+            "checkpoint (e.g. --ckpt ckpt/v1-5-pruned-emaonly.ckpt)")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_arguments(args)
     captions = read_captions(args.caption, args.n_captions)
     encoder, config = build_encoder(args)
     second_moment, n_tokens = accumulate_second_moment(encoder, captions, args.batch_size, args.device)
@@ -171,10 +197,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ldm.util import CheckpointError
-
+    one_line_warnings()
     try:
         sys.exit(main())
-    except (ValueError, OSError, CheckpointError) as err:  # user errors: one clear line, no traceback
+    except UserError as err:  # user errors: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

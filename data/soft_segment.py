@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from clipseg.paths import DEFAULT_DECODER_WEIGHTS, ClipSegWeightsNotFound, check_weights_exist  # noqa: E402
+from ldm.util import UserError, one_line_warnings  # noqa: E402
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}  # as perfusion/dataset.py
 MASK_DIR_NAME = "mask"
@@ -42,7 +43,7 @@ PROMPT_TEMPLATES = (
 )
 
 
-class SoftSegmentError(Exception):
+class SoftSegmentError(UserError):
     """A user-facing problem with the inputs; main() prints it and exits with status 2."""
 
 
@@ -202,9 +203,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    one_line_warnings()
     try:
         summary = run(args)
-    except (SoftSegmentError, ClipSegWeightsNotFound) as error:
+    except (UserError, ClipSegWeightsNotFound) as error:
         print(f"soft_segment.py: error: {error}", file=sys.stderr)
         return 2
     print(f"Masks written: {summary['written']}, skipped (already present, use --overwrite to redo): "

@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
+from ldm.util import BadValueError, MissingFileError, diagnose_safetensors
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -66,9 +68,9 @@ def _as_vector(name: str, tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dim() != 1:
         hint = (" (o*_V is ONE vector per layer; a (77, out) matrix is the per-position defect of a "
                 "reference implementation)" if name.startswith("value output") else "")
-        raise ValueError(f"{name} must be a 1-D vector, got shape {tuple(tensor.shape)}{hint}")
+        raise BadValueError(f"{name} must be a 1-D vector, got shape {tuple(tensor.shape)}{hint}")
     if not tensor.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        raise BadValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     return tensor
 
 
@@ -83,15 +85,15 @@ def save_concept(path, *, value_outputs: Mapping[str, torch.Tensor], embedding: 
     """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
-        raise ValueError(f"concept file {path!r}: use the .safetensors extension")
+        raise BadValueError(f"concept file {path!r}: use the .safetensors extension")
     if not value_outputs:
-        raise ValueError("save_concept: value_outputs is empty; pass o*_V of every edited value layer")
+        raise BadValueError("save_concept: value_outputs is empty; pass o*_V of every edited value layer")
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
-        raise ValueError(f"save_concept: metadata lacks {missing} (required: {list(REQUIRED_METADATA)})")
+        raise BadValueError(f"save_concept: metadata lacks {missing} (required: {list(REQUIRED_METADATA)})")
     reserved = [k for k in _RESERVED_METADATA if k in metadata]
     if reserved:
-        raise ValueError(f"save_concept: metadata keys {reserved} are written by save_concept itself")
+        raise BadValueError(f"save_concept: metadata keys {reserved} are written by save_concept itself")
 
     tensors: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     layers = [[str(name), _as_vector(f"value output of {name}", value).shape[0]]
@@ -104,7 +106,7 @@ def save_concept(path, *, value_outputs: Mapping[str, torch.Tensor], embedding: 
         tensors[key] = _as_vector(key, vectors[key])
     dims = {key: tensors[key].shape[0] for key in VECTOR_KEYS[1:]}
     if len(set(dims.values())) != 1:
-        raise ValueError(f"save_concept: target_input, c_inv_target_input and superclass_input must have "
+        raise BadValueError(f"save_concept: target_input, c_inv_target_input and superclass_input must have "
                          f"the same dimension, got {dims}")
     tensors = OrderedDict((k, v.detach().to(device="cpu", dtype=dtype).contiguous()) for k, v in tensors.items())
 
@@ -113,7 +115,7 @@ def save_concept(path, *, value_outputs: Mapping[str, torch.Tensor], embedding: 
     try:
         header.update({str(k): json.dumps(v) for k, v in metadata.items()})
     except TypeError as error:
-        raise ValueError(f"save_concept: metadata values must be JSON-serialisable: {error}") from None
+        raise BadValueError(f"save_concept: metadata values must be JSON-serialisable: {error}") from None
     payload = safetensors_save(dict(tensors), metadata=header)
 
     folder = os.path.dirname(os.path.abspath(path))
@@ -139,47 +141,47 @@ def _describe_non_safetensors(path: str) -> str:
         return (f"{path} is a pickled PyTorch checkpoint (.ckpt/.pt), e.g. the reference implementation's "
                 f"old concept format; it cannot be read without executing pickle, which this project refuses "
                 f"for untrusted files. Use a .safetensors concept file written by this project.")
-    return f"{path} is not a safetensors file (unrecognised header {magic!r})"
+    return diagnose_safetensors(path)
 
 
 def load_concept(path, device="cpu") -> Concept:
     """Read a concept file written by save_concept; tensors keep their stored dtype."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"concept file not found: {path}")
+        raise MissingFileError(f"concept file not found: {path}")
     try:
         with safe_open(path, framework="pt", device=str(device)) as handle:
             header = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{_describe_non_safetensors(path)} ({error})") from None
+    except (SafetensorError, OSError, ValueError):
+        raise BadValueError(_describe_non_safetensors(path)) from None
     if header.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is a safetensors file but not a Perfusion concept (header 'format' is "
+        raise BadValueError(f"{path} is a safetensors file but not a Perfusion concept (header 'format' is "
                          f"{header.get('format')!r}, expected {FORMAT_NAME!r})")
     version = int(header.get("format_version", "0"))
     if version > FORMAT_VERSION:
-        raise ValueError(f"{path} has concept format version {version}; this code reads up to "
+        raise BadValueError(f"{path} has concept format version {version}; this code reads up to "
                          f"{FORMAT_VERSION}. Update the project.")
 
     missing = [k for k in (VALUE_KEY,) + VECTOR_KEYS if k not in tensors]
     if "value_layers" not in header:
         missing.append("header entry 'value_layers'")
     if missing:
-        raise ValueError(f"{path} lacks {missing}; the file is incomplete or not a concept file")
+        raise BadValueError(f"{path} lacks {missing}; the file is incomplete or not a concept file")
     try:
         layers = [(str(name), int(width)) for name, width in json.loads(header["value_layers"])]
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{path}: header entry 'value_layers' is malformed ({error}); the file is corrupt") from None
+        raise BadValueError(f"{path}: header entry 'value_layers' is malformed ({error}); the file is corrupt") from None
     flat = _as_vector(VALUE_KEY, tensors[VALUE_KEY])
     widths = [width for _, width in layers]
     if sum(widths) != flat.shape[0]:
-        raise ValueError(f"{path}: 'value_layers' lists widths summing to {sum(widths)} but the "
+        raise BadValueError(f"{path}: 'value_layers' lists widths summing to {sum(widths)} but the "
                          f"value_outputs tensor has {flat.shape[0]} values; the file is corrupt")
     value_outputs = OrderedDict((name, part) for (name, _), part in zip(layers, flat.split(widths)))
     vectors = {key: _as_vector(key, tensors[key]) for key in VECTOR_KEYS}
     dims = {key: vectors[key].shape[0] for key in VECTOR_KEYS[1:]}
     if len(set(dims.values())) != 1:
-        raise ValueError(f"{path}: target_input, c_inv_target_input and superclass_input have different "
+        raise BadValueError(f"{path}: target_input, c_inv_target_input and superclass_input have different "
                          f"dimensions {dims}; the file is corrupt")
 
     metadata = {}
@@ -210,13 +212,13 @@ def check_concepts_compatible(concepts: List[Concept], names: List[str] = None) 
     for name, concept in zip(names[1:], concepts[1:]):
         for key in ("base_model", "text_encoder", "c_inv_hash"):
             if concept.metadata.get(key) != first.metadata.get(key):
-                raise ValueError(f"{name} has {key}={concept.metadata.get(key)!r} but {names[0]} has "
+                raise BadValueError(f"{name} has {key}={concept.metadata.get(key)!r} but {names[0]} has "
                                  f"{first.metadata.get(key)!r}; multi-concept inference needs concepts "
                                  f"trained on the same base model with the same C^-1")
         if list(concept.value_outputs) != list(first.value_outputs):
-            raise ValueError(f"{name} edits different value layers than {names[0]}")
+            raise BadValueError(f"{name} edits different value layers than {names[0]}")
         if concept.target_input.shape != first.target_input.shape:
-            raise ValueError(f"{name} has text dimension {concept.target_input.shape[0]}, "
+            raise BadValueError(f"{name} has text dimension {concept.target_input.shape[0]}, "
                              f"{names[0]} has {first.target_input.shape[0]}")
 
 
@@ -238,6 +240,6 @@ def check_target_inputs_independent(concepts: List[Concept], names: List[str] = 
         cosine = normalized @ normalized.T
         cosine.fill_diagonal_(-1)
         j, k = divmod(int(cosine.argmax()), len(concepts))
-        raise ValueError(f"{names[j]} and {names[k]} have nearly the same target input i* (cosine "
+        raise BadValueError(f"{names[j]} and {names[k]} have nearly the same target input i* (cosine "
                          f"{float(cosine[j, k]):.6f}): the concepts cannot be told apart. Is the same concept "
                          "file given twice?")

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ldm.util import BadValueError, MissingFileError
+
 HOW_TO_MAKE = (
     "Make one with: python data/estimate_C_inv.py --caption captions.txt --type clip "
     "--ckpt ckpt/v1-5-pruned-emaonly.ckpt --save_path ckpt/C_inv_sd1.npy "
@@ -29,7 +31,7 @@ def _read_matrix(path: Path) -> np.ndarray:
         try:
             return np.load(path, allow_pickle=False)
         except ValueError as err:
-            raise ValueError(f"{path}: not a plain numeric .npy array ({err})") from err
+            raise BadValueError(f"{path}: not a plain numeric .npy array ({err})") from err
     if suffix in (".pt", ".pth"):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     elif suffix == ".safetensors":
@@ -37,7 +39,7 @@ def _read_matrix(path: Path) -> np.ndarray:
 
         obj = load_file(str(path))
     else:
-        raise ValueError(f"{path}: unsupported C^-1 file type '{suffix}' (use .npy, .pt or .safetensors)")
+        raise BadValueError(f"{path}: unsupported C^-1 file type '{suffix}' (use .npy, .pt or .safetensors)")
     if isinstance(obj, Mapping):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if "c_inv" in tensors:
@@ -45,9 +47,9 @@ def _read_matrix(path: Path) -> np.ndarray:
         elif len(tensors) == 1:
             obj = next(iter(tensors.values()))
         else:
-            raise ValueError(f"{path}: expected one tensor (or a 'c_inv' key), found keys {sorted(obj)[:5]}")
+            raise BadValueError(f"{path}: expected one tensor (or a 'c_inv' key), found keys {sorted(obj)[:5]}")
     if not isinstance(obj, torch.Tensor):
-        raise ValueError(f"{path}: expected a tensor, found {type(obj).__name__}")
+        raise BadValueError(f"{path}: expected a tensor, found {type(obj).__name__}")
     return obj.detach().cpu().double().numpy()
 
 
@@ -59,24 +61,24 @@ def load_c_inv(path: str | os.PathLike, expected_dim: int | None = None) -> torc
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"C^-1 file not found: {path}. {HOW_TO_MAKE}")
+        raise MissingFileError(f"C^-1 file not found: {path}. {HOW_TO_MAKE}")
     matrix = np.asarray(_read_matrix(path), dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"{path}: C^-1 must be a square matrix, got shape {matrix.shape}")
+        raise BadValueError(f"{path}: C^-1 must be a square matrix, got shape {matrix.shape}")
     if expected_dim is not None and matrix.shape[0] != expected_dim:
-        raise ValueError(
+        raise BadValueError(
             f"{path}: C^-1 is {matrix.shape[0]}x{matrix.shape[0]} but the text encoder has width {expected_dim} "
             "(768 for SD 1.x CLIP, 1024 for SD 2.x OpenCLIP). Use the file made for this text encoder."
         )
     if not np.isfinite(matrix).all():
-        raise ValueError(f"{path}: C^-1 contains NaN or infinite values. {HOW_TO_MAKE}")
+        raise BadValueError(f"{path}: C^-1 contains NaN or infinite values. {HOW_TO_MAKE}")
     scale = np.abs(matrix).max()
     asym = np.abs(matrix - matrix.T).max()
     if asym > SYMMETRY_RTOL * scale:
-        raise ValueError(f"{path}: C^-1 is not symmetric (max |A - A^T| = {asym:.3g}, max |A| = {scale:.3g})")
+        raise BadValueError(f"{path}: C^-1 is not symmetric (max |A - A^T| = {asym:.3g}, max |A| = {scale:.3g})")
     c_inv = torch.from_numpy(0.5 * (matrix + matrix.T))
     if torch.linalg.cholesky_ex(c_inv).info.item() != 0:
-        raise ValueError(f"{path}: C^-1 is not positive definite. {HOW_TO_MAKE}")
+        raise BadValueError(f"{path}: C^-1 is not positive definite. {HOW_TO_MAKE}")
     return c_inv
 
 
@@ -95,16 +97,16 @@ def save_c_inv(path: str | os.PathLike, c_inv: torch.Tensor | np.ndarray, meta: 
     """
     path = Path(path)
     if path.suffix.lower() != ".npy":
-        raise ValueError(f"{path}: C^-1 is saved as .npy; give a --save_path ending in .npy")
+        raise BadValueError(f"{path}: C^-1 is saved as .npy; give a --save_path ending in .npy")
     if isinstance(c_inv, torch.Tensor):
         c_inv = c_inv.detach().cpu().double().numpy()
     matrix = np.asarray(c_inv, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not np.isfinite(matrix).all():
-        raise ValueError(f"refusing to save {path}: C^-1 must be a finite square matrix, got shape {matrix.shape}")
+        raise BadValueError(f"refusing to save {path}: C^-1 must be a finite square matrix, got shape {matrix.shape}")
     matrix = np.ascontiguousarray(0.5 * (matrix + matrix.T), dtype="<f8")  # what load_c_inv returns, bit for bit
     eigenvalues = np.linalg.eigvalsh(matrix)
     if eigenvalues[0] <= 0:
-        raise ValueError(f"refusing to save {path}: C^-1 is not positive definite (min eigenvalue {eigenvalues[0]:.3g})")
+        raise BadValueError(f"refusing to save {path}: C^-1 is not positive definite (min eigenvalue {eigenvalues[0]:.3g})")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, matrix, allow_pickle=False)
     info = {

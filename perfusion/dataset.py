@@ -25,6 +25,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
 
+from ldm.util import BadValueError, MissingFileError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 # ImageNet-style object prompts; "{}" is the concept word (placeholder token or super-class word).
@@ -88,14 +90,14 @@ def list_images(data_root: str | Path) -> list[Path]:
         f"mask per image under the same file name, made by `{_MAKE_MASKS_HINT.format(root=root)}`."
     )
     if not root.exists():
-        raise FileNotFoundError(f"data_root {str(root)!r} does not exist. {expected}")
+        raise MissingFileError(f"data_root {str(root)!r} does not exist. {expected}")
     if not root.is_dir():
-        raise NotADirectoryError(f"data_root {str(root)!r} is a file, not a folder. {expected}")
+        raise MissingFileError(f"data_root {str(root)!r} is a file, not a folder. {expected}")
     files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
     images = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         others = f" (it holds {len(files)} other file(s), e.g. {files[0].name!r})" if files else ""
-        raise ValueError(f"data_root {str(root)!r} holds no images{others}. {expected}")
+        raise BadValueError(f"data_root {str(root)!r} holds no images{others}. {expected}")
     return images
 
 
@@ -106,7 +108,7 @@ def _open(path: Path, what: str) -> Image.Image:
             image.load()  # pixels now live in memory; the file can close
             return image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(
+        raise BadValueError(
             f"cannot read {what} {str(path)!r}: {error}. Re-save it as PNG or JPEG, or remove it."
         ) from error
 
@@ -182,6 +184,13 @@ class PersonalizedBase(Dataset):
     epoch to epoch (and stay reproducible when the main process is seeded).
     """
 
+    # Keys of the Textual Inversion / reference Perfusion data configs that this dataset does not use.
+    UNUSED_CONFIG_KEYS = {
+        "per_image_tokens": "Perfusion learns one word per concept, not one per image",
+        "mixing_prob": "captions name one concept; mix concepts at inference with {1}/{2}",
+        "coarse_class_text": "the super-class word comes from initializer_words (or superclass:)",
+    }
+
     def __init__(
         self,
         data_root: str | Path,
@@ -197,7 +206,6 @@ class PersonalizedBase(Dataset):
         set: str = "train",  # noqa: A002 - the name old configs use
         repeats: int | None = None,
         seed: int | None = None,
-        **ignored,
     ):
         self.data_root = Path(data_root).expanduser()
         self.size = self._check_size(size)
@@ -209,7 +217,7 @@ class PersonalizedBase(Dataset):
         self.interpolation = self._check_interpolation(interpolation)
         self.center_crop = bool(center_crop)
         if set not in _SETS:
-            raise ValueError(f"PersonalizedBase: set={set!r}; use one of {list(_SETS)}")
+            raise BadValueError(f"PersonalizedBase: set={set!r}; use one of {list(_SETS)}")
         # Evaluation sets are deterministic: centre crop, no flip.
         self.is_train = set == "train"
         self.seed = None if seed is None else int(seed)
@@ -219,10 +227,6 @@ class PersonalizedBase(Dataset):
                 f"({self.data_root}); training length is set by the trainer's max_steps (optimizer steps).",
                 UserWarning,
                 stacklevel=2,
-            )
-        if ignored:
-            warnings.warn(
-                f"PersonalizedBase: ignoring unknown data parameters {sorted(ignored)}", UserWarning, stacklevel=2
             )
 
         mask_root = Path(mask_dir).expanduser()
@@ -239,37 +243,37 @@ class PersonalizedBase(Dataset):
     @staticmethod
     def _check_size(size) -> int:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-            raise ValueError(f"PersonalizedBase: size must be a positive integer (pixels), got {size!r}")
+            raise BadValueError(f"PersonalizedBase: size must be a positive integer (pixels), got {size!r}")
         return int(size)
 
     @staticmethod
     def _check_probability(flip_p) -> float:
         flip_p = float(flip_p)
         if not 0.0 <= flip_p <= 1.0:
-            raise ValueError(f"PersonalizedBase: flip_p must be in [0, 1], got {flip_p}")
+            raise BadValueError(f"PersonalizedBase: flip_p must be in [0, 1], got {flip_p}")
         return flip_p
 
     @staticmethod
     def _check_word(word, name: str) -> str:
         if not isinstance(word, str) or not word.strip():
-            raise ValueError(f"PersonalizedBase: {name} must be a non-empty string, got {word!r}")
+            raise BadValueError(f"PersonalizedBase: {name} must be a non-empty string, got {word!r}")
         return word.strip()
 
     @staticmethod
     def _check_templates(templates: Sequence[str]) -> tuple[str, ...]:
         if isinstance(templates, str) or len(templates) == 0:
-            raise ValueError("PersonalizedBase: templates must be a non-empty list of strings with one '{}' each")
+            raise BadValueError("PersonalizedBase: templates must be a non-empty list of strings with one '{}' each")
         for template in templates:
             # Exactly one slot: the concept's token position is found by tokenising the caption.
             if not isinstance(template, str) or template.count("{}") != 1:
-                raise ValueError(f"PersonalizedBase: template {template!r} must contain '{{}}' exactly once")
+                raise BadValueError(f"PersonalizedBase: template {template!r} must contain '{{}}' exactly once")
         return tuple(templates)
 
     @staticmethod
     def _check_interpolation(interpolation: str) -> Image.Resampling:
         key = str(interpolation).lower()
         if key not in _RESAMPLING:
-            raise ValueError(
+            raise BadValueError(
                 f"PersonalizedBase: interpolation={interpolation!r}; use one of {sorted(_RESAMPLING)}"
             )
         return _RESAMPLING[key]
@@ -280,7 +284,7 @@ class PersonalizedBase(Dataset):
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no mask for image {str(image_path)!r}: expected {str(candidates[0])!r} (or {candidates[1].name!r} "
             f"there). Fix: make the masks with `{_MAKE_MASKS_HINT.format(root=self.data_root)}`, or set "
             f"`use_masks: false` in the data params to train with uniform loss weights."
@@ -330,15 +334,25 @@ class PersonalizedBase(Dataset):
                 UserWarning,
                 stacklevel=3,
             )
+        # The square crop keeps min(w, h)^2 of w * h pixels.
+        cropped = [f"{p.image_path} keeps {100 * min(p.size) / max(p.size):.0f} % ({p.size[0]}x{p.size[1]})"
+                   for p in self._plans if min(p.size) / max(p.size) < 0.5]
+        if cropped:
+            warnings.warn(
+                f"PersonalizedBase: the square crop discards more than half of {len(cropped)} image(s): "
+                f"{'; '.join(cropped)}. Crop them to about square around the concept to keep what matters.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _normalised_mask(mask: Image.Image, mask_path: Path) -> np.ndarray:
         values = mask_to_array(mask)
         if not np.isfinite(values).all():
-            raise ValueError(f"mask {str(mask_path)!r} holds NaN/inf values; re-make it with soft_segment.py")
+            raise BadValueError(f"mask {str(mask_path)!r} holds NaN/inf values; re-make it with soft_segment.py")
         peak = float(values.max(initial=0.0))
         if peak <= 0.0:
-            raise ValueError(
+            raise BadValueError(
                 f"mask {str(mask_path)!r} is empty (all pixels 0), so its image would contribute no loss. "
                 f"Re-make it with soft_segment.py (perhaps another --super_class), paint it by hand, or remove "
                 f"the image and its mask."

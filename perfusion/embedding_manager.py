@@ -10,8 +10,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ldm.util import BadValueError
 
-class PlaceholderError(ValueError):
+
+class PlaceholderError(BadValueError):
     """A placeholder or initializer word that the tokenizer does not see as exactly one token."""
 
 
@@ -36,19 +38,23 @@ def single_token_id(encoder, word: str, role: str) -> int:
 class EmbeddingManager(nn.Module):
     """One learned embedding per placeholder string, initialised from its super-class (initializer) word."""
 
+    UNUSED_CONFIG_KEYS = {
+        "progressive_words": "Perfusion learns one vector per concept word",
+        "per_image_tokens": "Perfusion learns one vector per concept, not one per image",
+    }
+
     def __init__(self, embedder, placeholder_strings: Sequence[str] = ("*",),
-                 initializer_words: Sequence[str] = (), num_vectors_per_token: int = 1,
-                 progressive_words: bool = False, **ignored):
+                 initializer_words: Sequence[str] = (), num_vectors_per_token: int = 1):
         super().__init__()
         if num_vectors_per_token != 1:
-            raise ValueError("Perfusion learns one vector per concept word: num_vectors_per_token must be 1")
+            raise BadValueError("Perfusion learns one vector per concept word: num_vectors_per_token must be 1")
         placeholder_strings = list(placeholder_strings)
         initializer_words = list(initializer_words)
         if initializer_words and len(initializer_words) != len(placeholder_strings):
-            raise ValueError(f"{len(placeholder_strings)} placeholder strings but {len(initializer_words)} "
+            raise BadValueError(f"{len(placeholder_strings)} placeholder strings but {len(initializer_words)} "
                              "initializer words; give one super-class word per placeholder")
         if len(set(placeholder_strings)) != len(placeholder_strings):
-            raise ValueError(f"placeholder strings must differ, got {placeholder_strings}")
+            raise BadValueError(f"placeholder strings must differ, got {placeholder_strings}")
         self.placeholder_strings = placeholder_strings
         self.initializer_words = initializer_words
         ids = [single_token_id(embedder, p, "placeholder") for p in placeholder_strings]
@@ -79,7 +85,7 @@ class EmbeddingManager(nn.Module):
         hits = tokens == int(self.placeholder_token_ids[index])
         missing = (~hits.any(dim=1)).nonzero().flatten().tolist()
         if missing:
-            raise ValueError(f"prompts {missing} of the batch do not contain the placeholder "
+            raise BadValueError(f"prompts {missing} of the batch do not contain the placeholder "
                              f"'{self.placeholder_strings[index]}'")
         return hits.float().argmax(dim=1)
 

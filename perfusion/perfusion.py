@@ -146,8 +146,10 @@ class Perfusion(LatentDiffusion):
         self.edit_state.set_gating(self.train_beta, self.train_tau)
 
     def c_inv_target_input(self) -> torch.Tensor:
-        """a = C^-1 i*, computed in float64 (outside any autocast region), returned in float32."""
-        return (self.c_inv @ self.target_input.double()).float()
+        """a = C^-1 i*, computed in float64 outside any autocast region, returned in float32: the concept file
+        stores this float32 ``a``, so inference reproduces the training forward whatever the training precision."""
+        with torch.autocast(self.device.type, enabled=False):
+            return (self.c_inv @ self.target_input.double()).float()
 
     # ----- training ----------------------------------------------------------------------------------------
     def shared_step(self, batch):

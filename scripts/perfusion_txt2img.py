@@ -21,13 +21,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
+from ldm.util import UserError, one_line_warnings  # noqa: E402
+
 SINGLE_BETA, MULTI_BETA, DEFAULT_TAU = 0.7, 0.6, 0.15
 # Single-token strings to rename placeholders to when two concept files share one.
 SPARE_PLACEHOLDERS = ["*", "&", "@", "$", "%", "#", "+", "=", "~", "^"]
 PLACEHOLDER_PATTERN = re.compile(r"\{(\d*)\}")
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """Bad command-line input, reported before any model loads."""
 
 
@@ -100,8 +102,25 @@ def check_prompts(prompts: list[str], n_concepts: int) -> None:
             raise UsageError(f"prompt '{prompt}' uses {{}} but {n_concepts} concepts were given; "
                              "use {1}, {2}, ... to say which concept goes where")
         if n_concepts and not refs:
-            warnings.warn(f"prompt '{prompt}' has no {{}} placeholder: no concept will appear; generating the "
-                          f"plain prompt '{prompt}'")
+            raise UsageError(f"prompt '{prompt}' has no {{}} placeholder, so the concept would not appear; "
+                             "write {} where the concept goes (e.g. --prompt \"a photo of a {} on the beach\")")
+
+
+def check_prompt_length(encoder, prompt: str, placeholders: list[str]) -> None:
+    """The text encoder reads max_length - 2 tokens. A prompt that loses a concept's placeholder to that limit is
+    an error; one that loses other words is generated with a warning that names them."""
+    tokens = encoder.text_tokens(prompt)
+    room = encoder.max_length - 2
+    if len(tokens) <= room:
+        return
+    cut = tokens[room:]
+    lost = [p for p in placeholders if any(t.replace("</w>", "") == p for t in cut)]
+    text = "".join(cut).replace("</w>", " ").strip()
+    if lost:
+        raise UsageError(f"prompt '{prompt}' is {len(tokens)} tokens long and the text encoder reads {room}: the "
+                         f"concept word {lost[0]!r} would be cut away; shorten the prompt or move the concept earlier")
+    warnings.warn(f"prompt is {len(tokens)} tokens long; the text encoder reads the first {room}, so "
+                      f"'{text}' is ignored")
 
 
 def config_family(config) -> str:
@@ -216,9 +235,10 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
+    one_line_warnings()
     try:
         return generate(opt)
-    except UsageError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -256,7 +276,15 @@ def generate(opt) -> int:
             raise UsageError(f"--from-file {opt.from_file} holds no prompts")
     else:
         prompts = [opt.prompt]
-    config = OmegaConf.load(opt.config)
+    for flag in ("n_samples", "n_iter", "steps"):
+        if getattr(opt, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(opt, flag)}: must be at least 1")
+    if opt.scale < 0:
+        raise UsageError(f"--scale {opt.scale}: the guidance scale must be >= 0 (1 = no guidance)")
+    try:
+        config = OmegaConf.load(opt.config)
+    except Exception as err:
+        raise UsageError(f"--config {opt.config}: not a readable YAML config ({str(err).splitlines()[0]})") from err
     fill_image_geometry(opt, config)
     if opt.H % opt.f or opt.W % opt.f:
         raise UsageError(f"--H {opt.H} and --W {opt.W} must be multiples of --f {opt.f}")
@@ -281,6 +309,9 @@ def generate(opt) -> int:
     if hasattr(model, "edit_state"):
         model.edit_state.set_cache_outputs(True)
     superclasses = [c.metadata.get("superclass") or c.metadata["placeholder"] for c in concepts]
+    for prompt in prompts:
+        check_prompt_length(model.cond_stage_model, fill_prompt(prompt, placeholders) if concepts else prompt,
+                            placeholders)
     run_sampler, sampler_name = make_sampler(opt, model)
 
     outdir = Path(opt.outdir)

@@ -127,3 +127,32 @@ def test_offset_noise_shifts_each_channel_by_one_random_value():
     assert float(plain.mean(dim=(2, 3)).std()) < 0.05
     assert 0.4 < float(offset.mean(dim=(2, 3)).std()) < 0.6
     assert 0.9 < float((offset - offset.mean(dim=(2, 3), keepdim=True)).std()) < 1.1
+
+
+def test_thread_tuner_drops_a_collapsed_setting_after_one_step(monkeypatch):
+    """Two threads that collapse under contention (10x slower) cost one probe step, not ``probe`` of them."""
+    import time
+    from types import SimpleNamespace
+
+    from main import ThreadTuner
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    tuner = ThreadTuner(candidates=(1, 2), period=1000, probe=3)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    step_seconds = {1: 1.0, 2: 10.0}
+    module = SimpleNamespace(log=lambda *args, **kwargs: None)
+    trainer = SimpleNamespace(global_step=0)
+    used, before = [], torch.get_num_threads()
+    try:
+        for step in range(6):
+            trainer.global_step = step
+            tuner.on_train_batch_start(trainer, module, None, step)
+            threads = torch.get_num_threads()
+            used.append(threads)
+            clock["now"] += step_seconds[threads]
+            tuner.on_train_batch_end(trainer, module, None, None, step)
+    finally:
+        torch.set_num_threads(before)
+    assert used[:4] == [1, 1, 1, 2]  # three probes of one thread, one of two threads
+    assert used[4:] == [1, 1] and tuner.reference == 1.0

@@ -25,6 +25,7 @@ from sgm.modules.diffusionmodules.sampling import (
     HeunEDMSampler,
 )
 from sgm.sampling import build_sampler_and_denoiser, make_denoiser_fn
+from ldm.util import ConfigError
 from sgm.util import append_dims, instantiate_from_config
 
 
@@ -419,7 +420,7 @@ def test_build_sampler_and_denoiser_overrides_and_errors():
         build_sampler_and_denoiser(ROOT / "missing.yaml", denoiser_path)
     with pytest.raises(ValueError, match="parameterization"):
         build_sampler_and_denoiser(sampler_path, denoiser_path, parameterization="x0")
-    with pytest.raises(KeyError, match="target"):
+    with pytest.raises(ConfigError, match="no .target. key"):
         instantiate_from_config({"params": {}})
     with pytest.raises(ValueError, match="num_steps"):
         EulerEDMSampler(discretization_config=LEGACY)(lambda x, s, c: x, noise(1), make_cond(MU, 1))

@@ -16,8 +16,8 @@ TINY_BASES = ["configs/tiny/sd1-tiny.yaml", "configs/tiny/perfusion-tiny.yaml"]
 
 def run_main(args, cwd=REPO, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, "main.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
     return result
 
 
@@ -68,14 +68,35 @@ def test_tensorboard_has_the_loss_scalars(training_run):
     assert len(events.Scalars("train/loss")) == 4
 
 
-def test_resume_continues_the_step_count(training_run, tiny_world):
+def test_resume_continues_the_step_count_and_remembers_where_the_run_belongs(training_run, tmp_path):
     basedir, logdir, _ = training_run
-    result = run_main(["-r", str(logdir), "-t", "True", "--basedir", str(basedir), "lightning.trainer.max_steps=6"])
+    # no --basedir, and started from another folder: the run still writes its final concept beside its log folder
+    result = run_main(["-r", str(logdir), "-t", "True", "lightning.trainer.max_steps=6"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = torch.load(logdir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 6
     assert load_concept(logdir / "concepts" / "toy.safetensors").metadata["training_steps"] == 6
+    assert load_concept(basedir / "toy.safetensors").metadata["training_steps"] == 6
+    assert not (tmp_path / "logs").exists()
     assert "5/6" in result.stderr or "6/6" in result.stderr
+    # a --basedir that contradicts the run is refused rather than half-followed
+    other = run_main(["-r", str(logdir), "-t", "True", "--basedir", str(tmp_path)])
+    assert other.returncode == 2 and "drop --basedir" in other.stderr
+
+
+def test_resume_from_an_older_step_keeps_the_newer_outputs_and_says_so(training_run):
+    basedir, logdir, _ = training_run
+    older = logdir / "checkpoints" / "step000002.ckpt"
+    newest = torch.load(logdir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    final_before = (basedir / "toy.safetensors").read_bytes()
+    result = run_main(["-r", str(older), "-t", "True", f"lightning.trainer.max_steps={newest + 1}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "older than last.ckpt" in result.stderr
+    kept = list((logdir / "checkpoints").glob("last-before-resume-*.ckpt"))
+    assert len(kept) == 1
+    assert torch.load(kept[0], map_location="cpu", weights_only=False)["global_step"] == newest
+    kept_concepts = list(basedir.glob("toy-before-resume-*.safetensors"))
+    assert len(kept_concepts) == 1 and kept_concepts[0].read_bytes() == final_before
 
 
 def test_two_process_cpu_ddp_ends_with_identical_concepts_on_both_ranks(tiny_world, tmp_path):

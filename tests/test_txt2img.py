@@ -270,13 +270,6 @@ def test_concept_of_another_base_family_is_refused(concepts, tiny_world, tmp_pat
     assert "perfusion_inference_sd_v2.yaml" in result.stderr
 
 
-def test_prompt_without_placeholder_warns_and_says_what_is_generated(concepts, tiny_world, tmp_path):
-    result = _bad({"--prompt": "a photo of a dog", "--steps": "1", "--n_samples": "1"}, tiny_world, tmp_path,
-                  concepts[0])
-    assert result.returncode == 0
-    assert "no {} placeholder" in result.stderr and "generating the plain prompt 'a photo of a dog'" in result.stderr
-
-
 def test_without_a_concept_the_plain_base_model_is_sampled(tiny_world, tmp_path):
     result = run_txt2img(["--steps", "3", "--n_samples", "1", "--prompt", "a photo of a teddy", "--config",
                           INFERENCE_CONFIG, "--ckpt", str(tiny_world.ckpt), "--H", "32", "--W", "32", "--f", "4",

@@ -20,7 +20,7 @@ def make_ddim_timesteps(num_ddim_steps: int, num_ddpm_timesteps: int, discretize
 
 
 class DDIMSampler:
-    def __init__(self, model, schedule: str = "linear", **ignored):
+    def __init__(self, model, schedule: str = "linear"):
         self.model = model
         self.num_ddpm_timesteps = model.num_timesteps
         self.schedule = schedule
@@ -83,7 +83,7 @@ class DDIMSampler:
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape, conditioning=None, eta: float = 0.0, x_T=None,
                unconditional_guidance_scale: float = 1.0, unconditional_conditioning=None, verbose: bool = True,
-               log_every_t: int = 100, temperature: float = 1.0, callback=None, generator=None, **ignored):
+               log_every_t: int = 100, temperature: float = 1.0, callback=None, generator=None):
         self.make_schedule(S, ddim_eta=eta)
         device = self.model.betas.device
         size = (batch_size, *shape)

@@ -91,16 +91,24 @@ class DiffusionWrapper(nn.Module):
 class DDPM(pl.LightningModule):
     """Gaussian diffusion with a noise schedule, eps or v parameterisation, optional EMA."""
 
+    # Keys of the original LDM configs that this implementation does not use (accepted with a warning).
+    UNUSED_CONFIG_KEYS = {
+        "monitor": "there is no validation loop; checkpoints are written by step (lightning.modelcheckpoint_step)",
+        "use_positional_encodings": "SD never enables it and it is not implemented",
+        "make_it_fit": "weights are loaded by name; shapes must match",
+        "reset_ema": "EMA restarts by itself when a checkpoint has no EMA weights",
+        "reset_num_ema_updates": "EMA restarts by itself when a checkpoint has no EMA weights",
+    }
+
     def __init__(self, unet_config, timesteps: int = 1000, beta_schedule: str = "linear", loss_type: str = "l2",
                  ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), load_only_unet: bool = False,
-                 monitor: str | None = None, use_ema: bool = True, first_stage_key: str = "image",
+                 use_ema: bool = True, first_stage_key: str = "image",
                  image_size: int = 256, channels: int = 3, log_every_t: int = 100, clip_denoised: bool = True,
                  linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3, given_betas=None,
                  original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
                  conditioning_key: str | None = None, parameterization: str = "eps", scheduler_config=None,
                  use_positional_encodings: bool = False, learn_logvar: bool = False, logvar_init: float = 0.0,
-                 ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                 **ignored: Any):
+                 ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f"parameterization must be eps, x0 or v, not '{parameterization}'")
@@ -114,7 +122,6 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.l_simple_weight = l_simple_weight
         self.loss_type = loss_type
-        self.monitor = monitor
         self.scheduler_config = scheduler_config
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema, self.ema_decay = use_ema, ema_decay
@@ -341,8 +348,14 @@ class DDPM(pl.LightningModule):
 class LatentDiffusion(DDPM):
     """Diffusion in the latent space of a frozen autoencoder, conditioned on a frozen text encoder."""
 
-    def __init__(self, first_stage_config, cond_stage_config, num_timesteps_cond=None, cond_stage_key="image",
-                 cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward=None,
+    UNUSED_CONFIG_KEYS = {
+        "num_timesteps_cond": "the text conditioning is never noised (SD configs set it to 1)",
+        "cond_stage_forward": "the text encoder's encode() is always used",
+        "unet_trainable": "the UNet trains when no concept is given (base-model training) and is frozen otherwise",
+    }
+
+    def __init__(self, first_stage_config, cond_stage_config, cond_stage_key="image",
+                 cond_stage_trainable: bool = False, concat_mode: bool = True,
                  conditioning_key: str | None = None, scale_factor: float = 1.0, scale_by_std: bool = False,
                  force_null_conditioning: bool = False, *args, **kwargs):
         ckpt_path = kwargs.pop("ckpt_path", None)

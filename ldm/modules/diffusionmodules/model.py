@@ -93,7 +93,7 @@ def _check_attn_type(attn_type: str):
 class Encoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult=(1, 2, 4, 8), num_res_blocks: int, attn_resolutions,
                  dropout: float = 0.0, resamp_with_conv: bool = True, in_channels: int, resolution: int,
-                 z_channels: int, double_z: bool = True, attn_type: str = "vanilla", **ignored):
+                 z_channels: int, double_z: bool = True, attn_type: str = "vanilla"):
         super().__init__()
         _check_attn_type(attn_type)
         self.num_resolutions = len(ch_mult)
@@ -139,8 +139,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult=(1, 2, 4, 8), num_res_blocks: int, attn_resolutions,
                  dropout: float = 0.0, resamp_with_conv: bool = True, in_channels: int, resolution: int,
-                 z_channels: int, give_pre_end: bool = False, tanh_out: bool = False, attn_type: str = "vanilla",
-                 **ignored):
+                 z_channels: int, give_pre_end: bool = False, tanh_out: bool = False, attn_type: str = "vanilla"):
         super().__init__()
         _check_attn_type(attn_type)
         self.num_resolutions = len(ch_mult)

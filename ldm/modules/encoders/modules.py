@@ -162,6 +162,10 @@ class _FrozenTextEncoder(nn.Module):
     def tokenize(self, texts: Sequence[str] | str) -> torch.Tensor:
         raise NotImplementedError
 
+    def text_tokens(self, text: str) -> list[str]:
+        """The BPE tokens of ``text`` without BOS/EOS and without truncation (to tell what a long prompt loses)."""
+        raise NotImplementedError
+
     def encode_tokens(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -305,6 +309,9 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         )
         return batch["input_ids"]
 
+    def text_tokens(self, text: str) -> list[str]:
+        return self.tokenizer.tokenize(clean_caption(text))
+
     def encode_tokens(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None = None) -> torch.Tensor:
         text_model = self.transformer.text_model
         tokens = tokens.to(self.token_embedding.weight.device)
@@ -404,6 +411,11 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         if isinstance(texts, str):
             texts = [texts]
         return open_clip.tokenize(list(texts), context_length=self.max_length)
+
+    def text_tokens(self, text: str) -> list[str]:
+        from open_clip.tokenizer import _tokenizer
+
+        return [_tokenizer.decoder[i] for i in _tokenizer.encode(text)]
 
     def encode_tokens(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None = None) -> torch.Tensor:
         model = self.model
