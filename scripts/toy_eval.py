@@ -172,16 +172,19 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", help="append one row per checkpoint to this CSV")
     parser.add_argument("--sheet", help="PNG sheet of the last checkpoint's samples, read by the oracle")
     parser.add_argument("--plot", help="PNG learning curve of all rows in --csv")
+    parser.add_argument("--step_offset", type=int, default=0,
+                        help="added to the step in the file names (a run that trained on from an earlier export)")
     args = parser.parse_args(argv)
     for path in args.ckpt:
         if not Path(path).is_file():
-            raise SystemExit(f"--ckpt {path}: file not found")
+            print(f"error: --ckpt {path}: file not found", file=sys.stderr)
+            return 2
     model = load_model(args.config)
     samples = None
     for path in sorted(args.ckpt, key=step_of):
         model.init_from_ckpt(path)
         scores, samples = evaluate(model, args.n, args.steps, args.scale, args.seed)
-        row = {"checkpoint": path, "step": step_of(path), **flat_row(scores)}
+        row = {"checkpoint": path, "step": step_of(path) + args.step_offset, **flat_row(scores)}
         print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if args.csv:
             new = not Path(args.csv).is_file()

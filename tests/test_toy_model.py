@@ -59,6 +59,15 @@ def test_base_model_follows_prompts_well_above_chance(toy_model):
     assert scores["colour"] >= 0.8 and scores["background"] >= 0.8 and scores["shape"] >= 0.6, scores
 
 
+def test_base_model_binds_colours_to_shapes_in_two_object_prompts(toy_model):
+    from scripts.toy_eval import prompt_sets, sample, score
+
+    prompts = prompt_sets(16, seed=7)["two"]
+    scores = score(sample(toy_model, prompts, steps=20, scale=4.0, seed=7), prompts)
+    # chance that both objects come out right and bound: about (1/4 * 1/4)^2 = 0.4 %
+    assert scores["count"] >= 0.8 and scores["both"] >= 0.5, scores
+
+
 def test_shipped_c_inv_is_reproduced_by_estimate_c_inv(tmp_path):
     from perfusion.covariance import load_c_inv
 
