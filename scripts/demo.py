@@ -1,6 +1,6 @@
 """`make demo`: Perfusion teaches the shipped toy base model a new concept, on the CPU, in a few minutes.
 
-1. the toy concept ``toy_star`` (a star with a yellow upper half and a blue lower half; super-class ``star``):
+1. the toy concept ``toy_star`` (an orange star, a colour the toy world never shows; super-class ``star``):
    training images and soft masks under training_data/toy_star/ (data/toy_world.py);
 2. training with main.py on the toy base model ckpt/toy/base.safetensors (the seed's command line);
 3. generation with scripts/perfusion_txt2img.py (the seed's command line) for a few prompts, with the super-class
@@ -45,6 +45,9 @@ def run(args: list[str], quiet: bool = False) -> None:
 
 
 def generate(prompt: str, outdir: Path, n: int, steps: int, seed: int, concepts: list[Path]) -> list[Path]:
+    # perfusion_txt2img.py numbers new files after those already there: start each cell empty, so that a second
+    # run of the demo does not mix its samples with the first run's
+    shutil.rmtree(outdir, ignore_errors=True)
     args = ["scripts/perfusion_txt2img.py", "--config", CONFIG, "--ckpt", TOY / "base.safetensors",
             "--prompt", prompt, "--n_samples", n, "--n_iter", 1, "--steps", steps, "--scale", 4.0, "--seed", seed,
             "--outdir", outdir]

@@ -103,9 +103,16 @@ def test_shipped_concept_edits_its_word_and_leaves_other_prompts_alone(toy_model
 
 def test_demo_runs_at_reduced_steps(tmp_path):
     out = tmp_path / "demo"
+    earlier = out / "samples" / "plain-perfusion" / "samples"  # a sample left by an earlier run of the demo
+    earlier.mkdir(parents=True)
+    (earlier / "00000.png").write_bytes((REPO / "docs" / "toy_demo.png").read_bytes())
     result = run(["scripts/demo.py", "--outdir", out, "--train_steps", 6, "--steps", 5, "--n_samples", 2,
                   "--show", 2])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    from PIL import Image
+
+    cell = sorted(earlier.glob("*.png"))
+    assert len(cell) == 2 and all(Image.open(p).size == (32, 32) for p in cell)  # this run's samples only
     assert (out / "demo_sheet.png").is_file() and (out / "logs" / "toy_star.safetensors").is_file()
     scores = json.loads((out / "scores.json").read_text())
     assert len(scores) == 5 and "found toy_star" in scores["plain"]
