@@ -3,8 +3,8 @@
 Measured rules, no learning: every pixel takes the nearest colour of the world's palette; the background is the
 black/white majority on the border; objects are connected regions of object colours; an object's shape is the
 template (circle, square, triangle, star) that best overlaps it once stretched over its bounding box; a concept's
-pattern is a test on the colours inside a star-like or square-like object (``toy_star``: yellow upper half, blue
-lower half; ``toy_dots``: a blue square with yellow spots in at least three of its quadrants).
+pattern is a test on the colours inside a star-like or square-like object (``toy_star``: mostly orange, a colour the
+world never shows; ``toy_dots``: a blue square with yellow spots in at least three of its quadrants).
 
 ``python data/toy_oracle.py --validate`` scores the oracle on freshly rendered scenes (seed never used in
 training); ``python data/toy_oracle.py image.png ... --prompt "..."`` reads images and checks them against prompts.
@@ -23,12 +23,12 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.toy_world import (BACKGROUNDS, COLOURS, CONCEPTS, SHAPES, SIZE, ToyWorld, concept_scene, render,  # noqa: E402
-                            shape_polygon)
+from data.toy_world import (BACKGROUNDS, COLOURS, CONCEPT_COLOURS, CONCEPTS, SHAPES, SIZE, ToyWorld,  # noqa: E402
+                            concept_scene, render, shape_polygon)
 
-PALETTE_NAMES = list(COLOURS) + list(BACKGROUNDS)
-PALETTE = np.array([COLOURS.get(n, BACKGROUNDS.get(n)) for n in PALETTE_NAMES], dtype=np.float32)
-OBJECT_LABELS = set(range(len(COLOURS)))
+PALETTE_NAMES = list(COLOURS) + list(BACKGROUNDS) + list(CONCEPT_COLOURS)
+PALETTE = np.array([{**COLOURS, **BACKGROUNDS, **CONCEPT_COLOURS}[n] for n in PALETTE_NAMES], dtype=np.float32)
+OBJECT_LABELS = {PALETTE_NAMES.index(n) for n in (*COLOURS, *CONCEPT_COLOURS)}
 MIN_OBJECT_AREA = 8  # pixels; smaller specks are noise
 
 
@@ -118,17 +118,17 @@ PATTERN_MIN_OVERLAP = 0.4  # a concept's pattern counts on an object that overla
 
 
 def find_pattern(scores: dict[str, float], labels: np.ndarray, region: np.ndarray) -> str | None:
-    """Which toy concept's pattern an object shows, if any. The object must be star-like (toy_star) or square-like
-    (toy_dots), not necessarily classified as such: generated concept stars are often drawn taller than the
-    templates (the yellow point larger), and the colour pattern alone never occurs in the world."""
+    """Which toy concept an object shows, if any. The object must be star-like (toy_star) or square-like
+    (toy_dots), not necessarily classified as such (generated concept objects are often a little distorted);
+    toy_star is then mostly orange, a colour the world never shows, and toy_dots blue with yellow in three or four
+    quadrants."""
     yellow, blue = PALETTE_NAMES.index("yellow"), PALETTE_NAMES.index("blue")
+    orange = PALETTE_NAMES.index("orange")
     values = labels[region[:, 0], region[:, 1]]
     ys, xs = region[:, 0], region[:, 1]
     cy, cx = ys.mean(), xs.mean()
-    if scores["star"] >= PATTERN_MIN_OVERLAP:
-        top, bottom = values[ys < cy - 0.5], values[ys > cy + 0.5]
-        if len(top) and len(bottom) and (top == yellow).mean() >= 0.6 and (bottom == blue).mean() >= 0.6:
-            return "toy_star"
+    if scores["star"] >= PATTERN_MIN_OVERLAP and (values == orange).mean() >= 0.6:
+        return "toy_star"
     if scores["square"] >= PATTERN_MIN_OVERLAP:
         yellow_share = (values == yellow).mean()
         if (values == blue).mean() >= 0.5 and 0.03 <= yellow_share <= 0.4:
@@ -165,7 +165,8 @@ def read_image(image) -> Reading:
         scores = shape_scores(crop)
         shape = max(scores, key=scores.get)
         values = labels[ys, xs]
-        fractions = {name: float((values == i).mean()) for i, name in enumerate(COLOURS) if (values == i).any()}
+        fractions = {name: float((values == PALETTE_NAMES.index(name)).mean()) for name in (*COLOURS, *CONCEPT_COLOURS)
+                     if (values == PALETTE_NAMES.index(name)).any()}
         colour = max(fractions, key=fractions.get)
         objects.append(ObjectReading(colour, shape, scores[shape], len(region), float(xs.mean()), float(ys.mean()),
                                      fractions, find_pattern(scores, labels, region)))

@@ -15,7 +15,8 @@ The (colour, shape) pairs in ``HELD_OUT_PAIRS`` never appear as a single object 
 generalisation.
 
 Two toy *concepts* that the base model cannot draw but whose super-class it knows:
-- ``toy_star``: a star with a yellow upper half and a blue lower half (super-class ``star``);
+- ``toy_star``: an orange star (super-class ``star``); orange is a colour the world never shows, so the base model
+  cannot draw it from words;
 - ``toy_dots``: a blue square with four yellow dots (super-class ``square``).
 
 Run ``python data/toy_world.py --concepts training_data`` to write their training images and soft masks,
@@ -42,11 +43,13 @@ SUPERSAMPLE = 4  # drawn at SIZE * SUPERSAMPLE, then box-downsampled (antialiasi
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
+# Colours only the toy concepts have (never in a caption or a pretraining image).
+CONCEPT_COLOURS = {"orange": (245, 130, 20)}
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
 HELD_OUT_PAIRS = (("blue", "triangle"), ("yellow", "circle"))  # never a single object in pretraining
 
 CONCEPTS = {
-    "toy_star": {"superclass": "star", "description": "a star with a yellow upper half and a blue lower half"},
+    "toy_star": {"superclass": "star", "description": "an orange star (a colour the world never shows)"},
     "toy_dots": {"superclass": "square", "description": "a blue square with four yellow dots"},
 }
 
@@ -104,9 +107,8 @@ def _object_layers(obj: ToyObject, scale: int) -> tuple[Image.Image, Image.Image
     silhouette = Image.new("L", (big, big), 0)
     _draw_shape(ImageDraw.Draw(silhouette), obj.shape, cx, cy, r, 255)
     paint = Image.new("RGB", (big, big), COLOURS.get(obj.colour, (0, 0, 0)))
-    if obj.pattern == "toy_star":  # upper half yellow, lower half blue
-        paint = Image.new("RGB", (big, big), COLOURS["blue"])
-        ImageDraw.Draw(paint).rectangle([0, 0, big, cy], fill=COLOURS["yellow"])
+    if obj.pattern == "toy_star":  # the whole star orange
+        paint = Image.new("RGB", (big, big), CONCEPT_COLOURS["orange"])
     elif obj.pattern == "toy_dots":  # blue square, four yellow dots in a 2x2 grid
         paint = Image.new("RGB", (big, big), COLOURS["blue"])
         d, dot = r * 0.38, r * 0.2
