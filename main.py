@@ -53,6 +53,17 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got '{value}'")
 
 
+def bare_train_flag(argv: list[str]) -> list[str]:
+    """``-t`` takes an optional boolean; followed by a ``key=value`` override it means ``-t True`` (argparse would
+    otherwise read the override as the boolean and stop with a usage error)."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in ("-t", "--train") and i + 1 < len(argv) and "=" in argv[i + 1] and not argv[i + 1].startswith("-"):
+            out.append("True")
+    return out
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--name", type=str, default="", help="experiment name (log folder, concept file)")
@@ -457,7 +468,7 @@ def main(argv=None):
 def train(argv=None, created: list | None = None):
     """Build the model, data and trainer from the configs and train; ``created`` receives the new log folder."""
     parser = get_parser()
-    opt, unknown = parser.parse_known_args(argv)
+    opt, unknown = parser.parse_known_args(bare_train_flag(sys.argv[1:] if argv is None else list(argv)))
     if opt.name and opt.resume:
         raise UserError("-n/--name and -r/--resume cannot be given together (resume keeps the old name)")
     if not opt.train:

@@ -268,3 +268,12 @@ def test_base_checkpoint_of_another_family_is_named_with_the_config_to_use(tiny_
                      "--ckpt", tiny_world_sd2.ckpt, "--prompt", "a photo", "--n_samples", "1", "--steps", "1",
                      "--H", "32", "--W", "32", "--outdir", tmp_path, timeout=120)
     assert_user_error(result, tiny_world_sd2.ckpt.name, "sd2", "v2-inference.yaml")
+
+
+def test_bare_train_flag_before_an_override_means_train():
+    from main import bare_train_flag
+
+    assert bare_train_flag(["--base", "c.yaml", "-t", "model.params.beta=0.7"]) == [
+        "--base", "c.yaml", "-t", "True", "model.params.beta=0.7"]
+    assert bare_train_flag(["-t", "False", "x=1"]) == ["-t", "False", "x=1"]
+    assert bare_train_flag(["-t"]) == ["-t"]
