@@ -571,7 +571,8 @@ def train(argv=None, created: list | None = None):
 
 
 def check_lightning_config(lightning_config) -> None:
-    """Unknown sections of ``lightning:`` are errors; the trainer's own keys are checked by Lightning."""
+    """Unknown keys of ``lightning:``, its trainer (checked against pl.Trainer's signature), its checkpoint
+    settings and its callbacks are errors, found before the model is built."""
     check_config_keys("lightning", list(lightning_config.keys()),
                       {"trainer", "callbacks", "modelcheckpoint_step"},
                       {"modelcheckpoint": "checkpoints are written by step: use lightning.modelcheckpoint_step",

@@ -119,21 +119,27 @@ def check_config_keys(owner: str, given, known, unused: Mapping[str, str] | None
     return dropped
 
 
+def _checked_entry(config, where: str, params_owner: str, extra=()):
+    """The target of one ``{target, params}`` entry and the keys of its params to drop (deliberately unused ones);
+    ConfigError for an unimportable target or an unknown key of the entry or of its params."""
+    check_config_keys(where, list(config), CONFIG_ENTRY_KEYS)
+    try:
+        target = get_obj_from_str(str(config["target"]))
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"{where}.target: {err}") from err
+    params = config.get("params") or {}
+    known = accepted_parameters(target)
+    if known is None or not hasattr(params, "keys"):
+        return target, []
+    return target, check_config_keys(params_owner, list(params.keys()), known | set(extra), unused_config_keys(target))
+
+
 def validate_config(config, where: str = "config") -> None:
     """Check every ``{target, params}`` entry of a config tree (importable target, known keys) without building
     anything, so that a misspelt key fails in a second rather than after a model has loaded."""
     if hasattr(config, "items") and not isinstance(config, str):
         if "target" in config:
-            try:
-                target = get_obj_from_str(str(config["target"]))
-            except (ImportError, ValueError) as err:
-                raise ConfigError(f"{where}.target: {err}") from err
-            check_config_keys(where, list(config), CONFIG_ENTRY_KEYS)
-            params = config.get("params") or {}
-            known = accepted_parameters(target)
-            if known is not None and hasattr(params, "keys"):
-                check_config_keys(f"{where}.params ({config['target']})", list(params.keys()), known,
-                                  unused_config_keys(target))
+            _checked_entry(config, where, f"{where}.params ({config['target']})")
         for key, value in config.items():
             validate_config(value, f"{where}.{key}")
     elif isinstance(config, (list, tuple)) or type(config).__name__ == "ListConfig":
@@ -153,7 +159,6 @@ def instantiate_from_config(config: Mapping[str, Any] | Any, **extra_kwargs):
     if "target" not in config:
         raise ConfigError(f"config has no 'target' key (found keys {sorted(config)}); write it as "
                           "{target: package.module.Class, params: {...}}")
-    check_config_keys(f"config of {config['target']}", [k for k in config], CONFIG_ENTRY_KEYS)
     params = config.get("params", None) or {}
     if not isinstance(params, dict):
         from omegaconf import OmegaConf
@@ -161,17 +166,9 @@ def instantiate_from_config(config: Mapping[str, Any] | Any, **extra_kwargs):
         params = OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params) else params
     if not isinstance(params, Mapping):
         raise ConfigError(f"'params' of {config['target']!r} must be a mapping, got {type(params).__name__}")
-    try:
-        target = get_obj_from_str(config["target"])
-    except (ImportError, ValueError) as err:
-        raise ConfigError(f"target {config['target']!r}: {err}") from err
-    params = dict(params)
-    known = accepted_parameters(target)
-    if known is not None:
-        for key in check_config_keys(config["target"], params, known | set(extra_kwargs),
-                                     unused_config_keys(target)):
-            params.pop(key)
-    return target(**params, **extra_kwargs)
+    target, unused = _checked_entry(dict(config, params=params), f"config of {config['target']}",
+                                    str(config["target"]), extra_kwargs)
+    return target(**{k: v for k, v in params.items() if k not in unused}, **extra_kwargs)
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -187,10 +184,14 @@ _MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "
           b"\x93NUMPY": "a NumPy array (.npy)", b"version https://git-lfs": "a Git LFS pointer (run git lfs pull)"}
 
 
-def describe_file_kind(path: str | os.PathLike) -> str | None:
-    """What a file that is not a checkpoint looks like, from its first bytes (None when it is not recognised)."""
+def _file_head(path: str | os.PathLike, size: int = 32) -> bytes:
     with open(path, "rb") as handle:
-        head = handle.read(32)
+        return handle.read(size)
+
+
+def describe_file_kind(path: str | os.PathLike, head: bytes | None = None) -> str | None:
+    """What a file that is not a checkpoint looks like, from its first bytes (None when it is not recognised)."""
+    head = _file_head(path) if head is None else head
     if not head:
         return "an empty file"
     return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
@@ -251,14 +252,13 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
             return load_file(path, device=str(map_location))
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(diagnose_safetensors(path)) from err
-    kind = describe_file_kind(path)
+    head = _file_head(path)
+    kind = describe_file_kind(path, head)
     if kind is not None:
         raise CheckpointError(f"{path} is not a checkpoint: it is {kind}")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise CheckpointError(f"{path} is neither a PyTorch checkpoint nor a .safetensors file (it starts with "
-                              f"{head!r})")
+                              f"{head[:8]!r})")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -271,9 +271,7 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
             "state_dict with safetensors.torch.save_file)."
         ) from err
     except (RuntimeError, zipfile.BadZipFile, EOFError) as err:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-        if magic.startswith(b"PK\x03\x04"):
+        if head.startswith(b"PK\x03\x04"):
             raise CheckpointError(f"{path} is an incomplete or damaged PyTorch checkpoint "
                                   f"({os.path.getsize(path):,} bytes; {str(err).splitlines()[0]}); download it "
                                   "again") from err
