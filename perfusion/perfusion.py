@@ -1,7 +1,7 @@
 """The Perfusion LightningModule: a frozen LatentDiffusion whose cross-attention K/V projections are
 key-locked, gated rank-one edits (perfusion/roe.py); trains the concept word embedding and o*_V.
 
-Method: ../shared/perfusion-method.md (sections "Training", "Key-locking", "Multiple concepts").
+Method: docs/method.md (sections 3 "Key-locking", 5 "Multiple concepts", 6 "Training"; the paper's Eq. 3 for the edit).
 """
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.ddpm import LatentDiffusion, family_of_text_encoder
 from ldm.util import instantiate_from_config
 from perfusion.concept_file import (Concept, check_concepts_compatible, check_target_inputs_independent, load_concept,
                                     save_concept)
 from perfusion.covariance import c_inv_hash, load_c_inv
-from perfusion.roe import EditState, edited_layers, swap_cross_attention_projections
+from perfusion.roe import (INFERENCE_BETA, INFERENCE_TAU, TRAIN_BETA, TRAIN_TAU, EditState, edited_layers,
+                           inference_gating, swap_cross_attention_projections)
 
-TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
 # Keys of a Lightning checkpoint that hold the concept's training state; the frozen base model is not saved
 # there (it is rebuilt from the base checkpoint), which keeps resume checkpoints small.
 CONCEPT_STATE_MARKERS = ("embedding_manager.", ".target_output", "target_input", "superclass_input",
@@ -35,14 +35,6 @@ def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: 
     squared = (prediction.float() - target.float()).pow(2) * weight
     per_sample = squared.sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * prediction.shape[1]).clamp_min(1e-8)
     return per_sample.mean()
-
-
-# The base-model family a concept file records, told by the text encoder class.
-FAMILY_OF_TEXT_ENCODER = {"FrozenCLIPEmbedder": "sd1", "FrozenOpenCLIPEmbedder": "sd2"}
-
-
-def family_of_text_encoder(class_name: str) -> str:
-    return FAMILY_OF_TEXT_ENCODER.get(class_name, class_name)
 
 
 def base_model_family(text_encoder) -> str:
@@ -210,7 +202,7 @@ class Perfusion(LatentDiffusion):
             "placeholder": self.embedding_manager.placeholder_strings[0],
             "superclass": (self.embedding_manager.initializer_words or [""])[0],
             "c_inv_hash": self.c_inv_hash,
-            "beta": 0.7, "tau": 0.15, "train_beta": self.train_beta, "train_tau": self.train_tau,
+            "beta": INFERENCE_BETA, "tau": INFERENCE_TAU, "train_beta": self.train_beta, "train_tau": self.train_tau,
             "training_steps": int(self.global_step) if self._trainer is not None else 0,
         }
 
@@ -229,9 +221,10 @@ class Perfusion(LatentDiffusion):
         )
 
     @torch.no_grad()
-    def load_concepts(self, concepts: Sequence[Concept | str | Path], beta=0.7, tau=0.15,
+    def load_concepts(self, concepts: Sequence[Concept | str | Path], beta=None, tau=None,
                       placeholders: Sequence[str] | None = None) -> list[Concept]:
         """Install K concepts for inference (K = 1 included). No C^-1 needed: the files carry C^-1 i*.
+        beta, tau: one value or one per concept; default ``inference_gating(K)``.
 
         ``placeholders`` renames the concepts' placeholder strings (needed when two files share one).
         """
@@ -259,8 +252,24 @@ class Perfusion(LatentDiffusion):
             layer.initialize_targets(superclass)
         self.edit_state.set_targets(torch.stack([c.target_input for c in concepts]).to(device),
                                     torch.stack([c.c_inv_target_input for c in concepts]).to(device))
-        self.edit_state.set_gating(beta, tau)
+        default_beta, default_tau = inference_gating(len(concepts))
+        self.edit_state.set_gating(default_beta if beta is None else beta, default_tau if tau is None else tau)
         return concepts
+
+    @torch.no_grad()
+    def set_global_locking(self, prompts: Sequence[str] | None, superclass_prompts: Sequence[str] | None = None):
+        """Global locking: wherever the UNet is given the encoding of ``prompts[n]``, its key layers see the
+        encoding of ``superclass_prompts[n]`` (the prompt with each concept's super-class word) instead, so every
+        token's key is the super-class prompt's; values still see the concept. ``None`` returns to local locking.
+        Other prompts in a batch (guidance's empty prompt) keep their own keys."""
+        if prompts is None:
+            self.edit_state.set_global_locking(None)
+            return
+        if superclass_prompts is None or len(superclass_prompts) != len(prompts):
+            raise ValueError("set_global_locking needs one super-class prompt per prompt")
+        pairs = list(dict.fromkeys(zip(prompts, superclass_prompts)))
+        self.edit_state.set_global_locking(self.get_learned_conditioning([p for p, _ in pairs]),
+                                           self.cond_stage_model.encode([s for _, s in pairs]))
 
     # ----- images for the logger ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,13 +1,13 @@
 """Gated rank-one editing (ROE) of cross-attention key/value projections.
 
-Every equation of the method (/work/shared/perfusion-method.md, "Gated rank-one edit",
-"Multiple concepts", "Inference needs no C^-1 file") lives in exactly one function here:
+Every equation of the method (docs/method.md sections 2, 4 and 5; the gated forward pass is the paper's
+Eq. 3) lives in exactly one function here:
 
-    similarity(e, a)              sim_k(e) = e^T C^-1 i*_k = e . a_k
-    energy(I, A)                  energy_k = i*_k^T C^-1 i*_k = i*_k . a_k
-    concept_gate(sim, en, b, t)   gate_k = sigmoid((sim_k / energy_k - beta_k) / tau_k)
-    project_onto_targets(e, I, A) I G^-1 A^T e, G = A^T I   (e_perp = e - this)
-    cholesky_qr_basis(C^-1, I)    u_k with U^T C^-1 U = identity, span(U) = span(I)
+    similarity(e, a)              sim_k(e) = e^T C^-1 i*_k = e . a_k                       (Eq. 3, method.md 2)
+    energy(I, A)                  energy_k = i*_k^T C^-1 i*_k = i*_k . a_k                  (Eq. 3, method.md 2)
+    concept_gate(sim, en, b, t)   gate_k = sigmoid((sim_k / energy_k - beta_k) / tau_k)     (Eq. 3, method.md 4)
+    project_onto_targets(e, I, A) I G^-1 A^T e, G = A^T I   (e_perp = e - this)          (method.md 2 and 5)
+    cholesky_qr_basis(C^-1, I)    u_k with U^T C^-1 U = identity, span(U) = span(I)      (method.md 5)
 
 Shapes: target inputs ``I`` and ``A = C^-1 I`` are stored row-wise, (K, D), one row per concept.
 
@@ -16,7 +16,7 @@ Shapes: target inputs ``I`` and ``A = C^-1 I`` are stored row-wise, (K, D), one 
     out(e) = W e_perp + sum_k gate_k(e) o*_k
 
 All edited layers of one UNet share one ``EditState`` that carries the per-prompt quantities
-(target inputs, beta/tau, global-locking key context), so no UNet forward signature changes.
+(target inputs, beta/tau, global locking), so no UNet forward signature changes.
 """
 
 from __future__ import annotations
@@ -35,12 +35,23 @@ __all__ = [
     "project_onto_targets",
     "cholesky_qr_basis",
     "EditState",
+    "GlobalLocking",
     "RankOneEditLinear",
     "swap_cross_attention_projections",
     "edited_layers",
 ]
 
 ROLES = ("key", "value")
+
+# The gate's bias beta and temperature tau (docs/method.md section 4), declared here once: during training, and at
+# inference for one concept or several (a lower beta opens each gate a little wider when concepts share a prompt).
+TRAIN_BETA, TRAIN_TAU = 0.75, 0.10
+INFERENCE_BETA, MULTI_CONCEPT_BETA, INFERENCE_TAU = 0.7, 0.6, 0.15
+
+
+def inference_gating(num_concepts: int) -> tuple[float, float]:
+    """Default (beta, tau) at inference for ``num_concepts`` concepts."""
+    return (MULTI_CONCEPT_BETA if num_concepts > 1 else INFERENCE_BETA), INFERENCE_TAU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +102,7 @@ def project_onto_targets(e: torch.Tensor, target_inputs: torch.Tensor,
 
 
 def cholesky_qr_basis(c_inv: torch.Tensor, target_inputs: torch.Tensor) -> torch.Tensor:
-    """Multi-concept basis of the method file: C^-1 = L L^T, Q R = L^T I, u_k = L^-T q_k.
+    """Multi-concept basis (docs/method.md section 5): C^-1 = L L^T, Q R = L^T I, u_k = L^-T q_k.
 
     c_inv: (D, D) SPD; target_inputs: (K, D) -> U: (K, D), rows u_k with u_j^T C^-1 u_k = delta_jk
     and span(U) = span(I), so  sum_k u_k (u_k^T C^-1 e) = project_onto_targets(e, I, C^-1 I).
@@ -122,21 +133,19 @@ class EditState:
 
     target_inputs (K, D) and c_inv_target_inputs (K, D): i*_k and a_k = C^-1 i*_k, or None
     (no concept: every layer is plain W e).  beta, tau: (K,) (a single value broadcasts to all
-    concepts).  key_context: None (local locking) or the super-class prompt encoding (B, L, D)
-    for global locking; key layers then return W key_context and value layers are unaffected.
-    enabled: False makes every layer exactly W e.  cache_outputs: reuse layer outputs across
-    denoising steps when the text input is unchanged (no-grad only).  version: bumped by every
-    setter, used as a cache key.
+    concepts).  global_locking: None (local locking) or a ``GlobalLocking`` that gives key layers
+    the super-class prompt's encoding in place of the concept prompt's; value layers are unaffected.
+    enabled: False makes every layer exactly W e.  version: bumped by every setter; edited layers
+    recompute their per-prompt operators when it changes.
     """
 
-    def __init__(self, beta=0.75, tau=0.10):
+    def __init__(self, beta=TRAIN_BETA, tau=TRAIN_TAU):
         self.target_inputs: Optional[torch.Tensor] = None
         self.c_inv_target_inputs: Optional[torch.Tensor] = None
         self.beta = _per_concept(beta, "beta")
         self.tau = _per_concept(tau, "tau")
-        self.key_context: Optional[torch.Tensor] = None
+        self.global_locking: Optional[GlobalLocking] = None
         self.enabled = True
-        self.cache_outputs = False
         self.version = 0
         self._converted: dict = {}
 
@@ -175,17 +184,16 @@ class EditState:
         self.beta, self.tau = beta_t, tau_t
         self._bump()
 
-    def set_key_context(self, key_context: Optional[torch.Tensor]) -> None:
-        """Global locking: the super-class prompt encoding (B, L, D) fed to key layers; None = local."""
-        self.key_context = None if key_context is None else key_context.detach()
+    def set_global_locking(self, prompt_encodings: Optional[torch.Tensor],
+                           superclass_encodings: Optional[torch.Tensor] = None) -> None:
+        """Global locking: key layers see ``superclass_encodings[n]`` wherever their input is
+        ``prompt_encodings[n]`` (each (N, L, D)); None returns to local locking."""
+        self.global_locking = (None if prompt_encodings is None
+                               else GlobalLocking(prompt_encodings, superclass_encodings))
         self._bump()
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = bool(enabled)
-        self._bump()
-
-    def set_cache_outputs(self, cache_outputs: bool) -> None:
-        self.cache_outputs = bool(cache_outputs)
         self._bump()
 
     def gating_tensors(self, device: torch.device, dtype: torch.dtype):
@@ -207,6 +215,43 @@ class EditState:
         return self._converted[key]
 
 
+class GlobalLocking:
+    """Which text encodings key layers swap for their super-class counterparts (global locking).
+
+    A key layer's input is a batch of prompt encodings, e.g. [unconditional; conditional] under
+    classifier-free guidance.  Each row that equals one of ``prompt_encodings`` (up to the
+    rounding of a half-precision copy) is replaced by the matching super-class encoding; other
+    rows (the empty prompt of guidance) keep their own keys.  Matching by content keeps the
+    batch layout a sampler's business.
+    """
+
+    MATCH_TOLERANCE = 1e-2   # relative distance; different prompts differ by far more
+
+    def __init__(self, prompt_encodings: torch.Tensor, superclass_encodings: torch.Tensor):
+        if superclass_encodings is None or prompt_encodings.shape != superclass_encodings.shape:
+            raise ValueError("global locking needs one super-class encoding per prompt encoding, same shape; got "
+                             f"{tuple(prompt_encodings.shape)} and "
+                             f"{None if superclass_encodings is None else tuple(superclass_encodings.shape)}")
+        self.prompts = prompt_encodings.detach().float()
+        self.superclass = superclass_encodings.detach()
+
+    def key_input(self, e: torch.Tensor) -> torch.Tensor:
+        """e (B, L, D) with each row that is a locked prompt replaced by its super-class encoding."""
+        if e.dim() != 3 or e.shape[1:] != self.prompts.shape[1:]:
+            raise ValueError(f"global locking was set for prompt encodings of shape {tuple(self.prompts.shape)} "
+                             f"but a key layer got {tuple(e.shape)}; encode the prompts with the same text encoder")
+        prompts = self.prompts.to(e.device)
+        distance = torch.cdist(e.detach().float().flatten(1), prompts.flatten(1))          # (B, N)
+        nearest = distance.argmin(dim=1)
+        matched = distance.gather(1, nearest[:, None])[:, 0] <= (
+            self.MATCH_TOLERANCE * prompts.flatten(1).norm(dim=1)[nearest])
+        if not matched.any():
+            raise ValueError("global locking is set, but none of the prompts the UNet got is one of the locked "
+                             "prompts; call set_global_locking with the prompts being sampled")
+        superclass = self.superclass.to(device=e.device, dtype=e.dtype)[nearest]
+        return torch.where(matched[:, None, None], superclass, e)
+
+
 # ---------------------------------------------------------------------------------------------
 # Edited projection
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +267,10 @@ class RankOneEditLinear(nn.Module):
     ``weight`` is the original parameter object (same state_dict key, frozen).  ``target_output``
     (K, out) holds o*_k: a trainable ``nn.Parameter`` for role "value", a buffer for role "key"
     (locked to W_K i_super, never trained).
+
+    The projected term W e_perp is computed as ``W_edit e`` with ``W_edit = W - W I^T G^-1 A``
+    (``project_onto_targets(W, A, I)``: the adjoint of the projection), made once per
+    ``EditState`` change, so a call costs one ordinary matmul plus the K-column gate.
     """
 
     def __init__(self, linear: nn.Linear, role: str, state: EditState, num_concepts: int = 1):
@@ -243,8 +292,7 @@ class RankOneEditLinear(nn.Module):
             self.target_output = nn.Parameter(initial)
         else:
             self.register_buffer("target_output", initial)
-        self._targets_version = 0
-        self._cache = None
+        self._edited_weight: Optional[tuple] = None   # (key, W_edit) for the current EditState
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, role={self.role}, "
@@ -270,7 +318,6 @@ class RankOneEditLinear(nn.Module):
                 self.target_output = nn.Parameter(fresh, requires_grad=self.target_output.requires_grad)
             else:
                 self.target_output = fresh      # assigning to a registered buffer name keeps it a buffer
-        self._targets_version += 1
 
     @torch.no_grad()
     def initialize_targets(self, superclass_inputs: torch.Tensor) -> None:
@@ -283,69 +330,38 @@ class RankOneEditLinear(nn.Module):
             outputs = F.linear(inputs.to(device=self.weight.device, dtype=torch.float32), self.weight.float())
         self.set_target_outputs(outputs)
 
-    def _cache_key(self, e: torch.Tensor):
-        return (self.state.version, self._targets_version, id(self.target_output),
-                _version_or_none(self.target_output), _version_or_none(self.weight),
-                e.shape, e.dtype, e.device)
-
-    def _cached_output(self, e: torch.Tensor) -> Optional[torch.Tensor]:
-        if self._cache is None:
-            return None
-        input_ref, input_version, input_copy, key, output, output_version = self._cache
-        if key != self._cache_key(e) or _version_or_none(output) != output_version:
-            return None          # state, weights or target changed, or a caller wrote into the output
-        if input_ref is e and input_version is not None and input_version == _version_or_none(e):
-            return output
-        # New tensor object (e.g. samplers that re-concatenate cond/uncond every step) or no version
-        # counter (inference mode): compare with a copy of the cached input, which costs B*L*D
-        # against B*L*D*out for recomputing the projection.
-        return output if torch.equal(input_copy, e) else None
+    def edited_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_edit = W - W I^T G^-1 A (so W_edit e = W e_perp), in ``dtype``, made once per EditState change."""
+        key = (self.state.version, dtype, self.weight.device, _version_or_none(self.weight))
+        if self._edited_weight is None or self._edited_weight[0] != key:
+            with torch.no_grad(), torch.autocast(device_type=self.weight.device.type, enabled=False):
+                targets, c_inv_targets, _, _ = self.state.gating_tensors(self.weight.device, torch.float64)
+                weight = self.weight.detach().double()
+                edited = weight - project_onto_targets(weight, c_inv_targets, targets)
+            self._edited_weight = (key, edited.to(dtype))
+        return self._edited_weight[1]
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         state = self.state
-        use_cache = state.cache_outputs and not torch.is_grad_enabled()
-        if use_cache:
-            cached = self._cached_output(e)
-            if cached is not None:
-                return cached
-        output = self._edited_forward(e)
-        if use_cache:
-            self._cache = (e, _version_or_none(e), e.clone(), self._cache_key(e), output, _version_or_none(output))
-        else:
-            self._cache = None
-        return output
-
-    def _edited_forward(self, e: torch.Tensor) -> torch.Tensor:
-        state = self.state
         if not state.enabled or state.num_concepts == 0:
             return F.linear(e, self.weight)
-        if self.role == "key" and state.key_context is not None:
-            return F.linear(self._key_context_for(e), self.weight)
+        if self.role == "key" and state.global_locking is not None:
+            return F.linear(state.global_locking.key_input(e), self.weight)
         if state.num_concepts != self.num_concepts:
             raise RuntimeError(f"EditState has {state.num_concepts} concept(s) but this {self.role} layer holds "
                                f"{self.num_concepts} target output(s); call set_target_outputs / "
                                f"initialize_targets with one row per concept")
         compute_dtype = _compute_dtype(e, state.target_inputs)
         targets, c_inv_targets, beta, tau = state.gating_tensors(e.device, compute_dtype)
-        # Mixed-precision training would run these small matmuls in half precision; the gate divides
-        # by the energy and the projection solves with G, so keep them in float32.
+        # Mixed-precision training would run the gate's small matmul in half precision; the gate divides
+        # by the energy and is sharp (tau = 0.1), so keep it in float32.
         with torch.autocast(device_type=e.device.type, enabled=False):
-            e_c = e.to(compute_dtype)
-            e_perp = e_c - project_onto_targets(e_c, targets, c_inv_targets)
-            gate = concept_gate(similarity(e_c, c_inv_targets), energy(targets, c_inv_targets), beta, tau)
-        base = F.linear(e_perp.to(e.dtype), self.weight)
-        target_output = self.target_output.to(device=base.device)
-        return base + (gate.to(base.dtype) @ target_output.to(base.dtype))
-
-    def _key_context_for(self, e: torch.Tensor) -> torch.Tensor:
-        context = self.state.key_context.to(device=e.device, dtype=e.dtype)
-        if context.dim() == 2:
-            context = context.unsqueeze(0)
-        if context.shape[1:] != e.shape[1:] or context.shape[0] not in (1, e.shape[0]):
-            raise ValueError(f"global-locking key_context has shape {tuple(context.shape)} but the "
-                             f"cross-attention context is {tuple(e.shape)}; encode the super-class prompt "
-                             f"with the same batch (cond and uncond halves) and sequence length")
-        return context.expand(e.shape[0], -1, -1)
+            gate = concept_gate(similarity(e.to(compute_dtype), c_inv_targets), energy(targets, c_inv_targets),
+                                beta, tau)
+        autocast_dtype = (torch.get_autocast_dtype(e.device.type) if torch.is_autocast_enabled(e.device.type)
+                          else e.dtype)
+        base = F.linear(e, self.edited_weight(autocast_dtype))
+        return base + (gate.to(base.dtype) @ self.target_output.to(device=base.device, dtype=base.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ Sections (no section flag = all three):
                  median of --steps rounds is reported, with CPU seconds (less sensitive to other processes) beside.
                  On CUDA: fp16 autocast, torch.cuda.max_memory_allocated, steps/s, and an estimate of a 400-step run
                  at batch 16 (micro-batches of --batch with gradient accumulation).
---unet-overhead  Plain UNet forward vs the personalized UNet forward (same weights; edited K/V with one concept,
-                 output cache on, the context the same tensor object every call, as during DDIM sampling), and
-                 without the cache. Variants alternate; the median of N is reported.
+--unet-overhead  Plain UNet forward vs the personalized UNet forward (same weights; edited K/V with one concept, no
+                 cache of any output: each edited layer folds the projection into its weight once per prompt), and
+                 the personalized forward with that per-prompt work redone on every call (as in training, where
+                 i* changes every step). Variants alternate; the median of N is reported.
 --sample         A full DDIM sample (text encoding, N steps with classifier-free guidance, VAE decode) with our
-                 LatentDiffusion + DDIMSampler (plain, and with a Perfusion concept swapped in) vs diffusers'
+                 LatentDiffusion + the sgm DDIM sampler (plain, and with a Perfusion concept swapped in) vs diffusers'
                  StableDiffusionPipeline assembled from the SAME checkpoint file. Same prompt, start noise and steps.
 
 Real Stable Diffusion weights are not needed: timings do not depend on weight values, so the SD1.5-size models
@@ -65,6 +66,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+from perfusion.roe import INFERENCE_BETA, INFERENCE_TAU, TRAIN_BETA, TRAIN_TAU  # noqa: E402
 
 MODEL_CONFIGS = {
     "tiny": REPO_ROOT / "configs/tiny/sd1-tiny.yaml",
@@ -72,10 +74,9 @@ MODEL_CONFIGS = {
 }
 MODEL_LABELS = {"tiny": "tiny SD1", "sd15": "SD1.5"}
 TRAIN_TIME_GOAL = TRAIN_MEMORY_GOAL = 0.35   # Perfusion step <= 0.35x full fine-tuning
-UNET_OVERHEAD_GOAL = 0.03                    # personalized UNet forward <= 3% slower than plain
+UNET_OVERHEAD_GOAL = 0.015                   # personalized UNet forward <= 1.5% slower than plain (256 px; 1% at 512)
 SAMPLE_RATIO_GOAL = 1.00                     # our full sample <= diffusers' time
 RESULT_MARKER = "benchmark result"
-INFERENCE_BETA, INFERENCE_TAU = 0.7, 0.15
 
 
 # =============================================================================================================
@@ -189,7 +190,7 @@ def check_image_size(model: str, size: int, flag: str = "--size") -> int:
 def build_unet(model: str, use_checkpoint: bool, seed: int):
     """The UNet of a config with seeded random weights; zero-initialised layers get small random values so that
     every branch computes something real (and outputs are not trivially zero)."""
-    from ldm.testing import randomize_zero_parameters
+    from tests._tiny_models import randomize_zero_parameters
     from ldm.util import instantiate_from_config
 
     unet_config = copy.deepcopy(model_config(model).model.params.unet_config)
@@ -202,7 +203,7 @@ def build_unet(model: str, use_checkpoint: bool, seed: int):
 
 def build_latent_diffusion(model: str, seed: int):
     """A whole LatentDiffusion (UNet, VAE, text encoder) of a config with seeded random weights, eval mode."""
-    from ldm.testing import build_tiny_model, randomize_zero_parameters
+    from tests._tiny_models import build_tiny_model, randomize_zero_parameters
     from ldm.util import instantiate_from_config
 
     if model == "tiny":
@@ -226,8 +227,7 @@ class PersonalizedUNet:
     """Perfusion's edited K/V projections for a UNet (one random concept), in named variants that can be switched
     in and out, so plain and personalized forwards use the very same weights and memory.
 
-    Each variant (``add_variant``) has its own EditState, so switching never invalidates a variant's output cache;
-    "plain" puts the original ``nn.Linear`` objects back.
+    Each variant (``add_variant``) has its own EditState; "plain" puts the original ``nn.Linear`` objects back.
     """
 
     def __init__(self, unet: torch.nn.Module, width: int, seed: int):
@@ -238,7 +238,7 @@ class PersonalizedUNet:
         generator = torch.Generator().manual_seed(seed)
         self.target_input, self.c_inv_target_input, self.superclass_input = random_concept(width, generator)
 
-    def add_variant(self, label: str, beta=INFERENCE_BETA, tau=INFERENCE_TAU, cache_outputs: bool = False):
+    def add_variant(self, label: str, beta=INFERENCE_BETA, tau=INFERENCE_TAU):
         """Swap in edited layers sharing the UNet's weights; returns (EditState, {name: value layer})."""
         from perfusion.roe import EditState, edited_layers, swap_cross_attention_projections
 
@@ -253,7 +253,6 @@ class PersonalizedUNet:
             if layer.role == "value":                             # a trained o*_V differs from its start
                 noise = 0.1 * torch.randn(layer.target_output.shape, generator=generator)
                 layer.set_target_outputs(layer.target_output + noise.to(layer.target_output))
-        state.set_cache_outputs(cache_outputs)
         self.variants[label] = [(m, name, getattr(m, name)) for m, name, _ in self.variants["plain"]]
         return state, edited_layers(self.unet, "value")
 
@@ -318,7 +317,7 @@ class TrainingSetup:
         self.trainable = {}
         if "perfusion" in modes:
             self.personalized = PersonalizedUNet(self.unet, self.width, seed + 3)
-            self.state, value_layers = self.personalized.add_variant("perfusion", beta=0.75, tau=0.10)
+            self.state, value_layers = self.personalized.add_variant("perfusion", beta=TRAIN_BETA, tau=TRAIN_TAU)
             self.trainable["perfusion"] = [layer.target_output for layer in value_layers.values()]
             self.target_input = self.personalized.target_input.to(device)
             self.c_inv_target_input = self.personalized.c_inv_target_input.to(device)
@@ -451,7 +450,8 @@ def train_timing_worker(spec: dict) -> dict:
 
 @torch.no_grad()
 def unet_overhead_worker(spec: dict) -> dict:
-    """Median forward time of the plain UNet vs the personalized UNet (cache on / off), alternating."""
+    """Median forward time of the plain UNet vs the personalized UNet (per-prompt work done once / every call),
+    alternating."""
     device = torch.device(spec["device"])
     model, batch, seed, repeats = spec["model"], spec["batch"], spec["seed"], spec["repeats"]
     latent = check_image_size(model, spec["size"])
@@ -459,24 +459,26 @@ def unet_overhead_worker(spec: dict) -> dict:
     unet, width = build_unet(model, False, seed)
     unet = unet.to(device).eval()
     personalized = PersonalizedUNet(unet, width, seed + 3)
-    personalized.add_variant("personalized", cache_outputs=True)
-    personalized.add_variant("personalized_no_cache", cache_outputs=False)
+    personalized.add_variant("personalized")
+    every_call_state, _ = personalized.add_variant("personalized_every_call")
     generator = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(batch, 4, latent, latent, generator=generator).to(device)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     context = torch.randn(batch, 77, width, generator=generator)
     context[:, 5] = personalized.target_input  # the concept word's encoding sits in the prompt
-    context = context.to(device)               # one tensor object for every call, as in DDIMSampler
+    context = context.to(device)
 
     def run(variant):
         personalized.use(variant)
+        if variant == "personalized_every_call":
+            every_call_state.set_gating(INFERENCE_BETA, INFERENCE_TAU)  # a new state: edited weights are rebuilt
         return unet(x, t, context)
 
-    variants = ("plain", "personalized", "personalized_no_cache")
+    variants = ("plain", "personalized", "personalized_every_call")
     times = {v: [] for v in variants}
     cpu_times = {v: [] for v in variants}  # CPU seconds: less sensitive than wall time to other processes
     outputs = {}
-    for v in variants:  # warm-up (and, for the cached variant, the call that fills the cache)
+    for v in variants:  # warm-up (and the personalized variant's once-per-prompt edited weights)
         outputs[v] = timed(lambda: run(v), device)[1]
     for _ in tqdm(range(repeats), desc=f"{MODEL_LABELS[model]} UNet forwards x{len(variants)}", file=sys.stderr):
         for v in variants:
@@ -487,14 +489,14 @@ def unet_overhead_worker(spec: dict) -> dict:
     return {
         "model": model, "device": device.type, "size": spec["size"], "batch": batch, "repeats": repeats,
         "plain_s": plain, "personalized_s": median(times["personalized"]),
-        "personalized_no_cache_s": median(times["personalized_no_cache"]),
+        "personalized_every_call_s": median(times["personalized_every_call"]),
         "overhead": median(times["personalized"]) / plain - 1.0,
-        "overhead_no_cache": median(times["personalized_no_cache"]) / plain - 1.0,
+        "overhead_every_call": median(times["personalized_every_call"]) / plain - 1.0,
         "overhead_cpu": median(cpu_times["personalized"]) / median(cpu_times["plain"]) - 1.0,
         "all_s": times, "all_cpu_s": cpu_times,
         # the edit must change the output, else the personalized variant timed nothing real
         "edit_changes_output": float((outputs["personalized"] - outputs["plain"]).abs().max()),
-        "cache_matches_no_cache": float((outputs["personalized"] - outputs["personalized_no_cache"]).abs().max()),
+        "every_call_matches": float((outputs["personalized"] - outputs["personalized_every_call"]).abs().max()),
     }
 
 
@@ -521,8 +523,8 @@ def build_diffusers_pipeline(checkpoint: Path, config_path: Path, ours, device: 
 @torch.no_grad()
 def sample_worker(spec: dict) -> dict:
     """Seconds for one full text-to-image sample: ours (plain and personalized) vs diffusers, same checkpoint."""
-    from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.util import save_state_dict
+    from sgm.sampling import sample as sample_model
 
     device = torch.device(spec["device"])
     model_name, seed, steps, scale, prompt = spec["model"], spec["seed"], spec["steps"], spec["scale"], spec["prompt"]
@@ -541,17 +543,14 @@ def sample_worker(spec: dict) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)  # the SD1.5 file is ~4 GB: never leave it behind
     ours = ours.to(device)
     personalized = PersonalizedUNet(ours.model.diffusion_model, ours.cond_stage_model.width, seed + 3)
-    personalized.add_variant("perfusion", cache_outputs=True)  # as at inference: cache the prompt-only K/V work
-    sampler = DDIMSampler(ours)
+    personalized.add_variant("perfusion")
     x_T = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(seed + 4)).to(device)
 
     def ours_sample(personalize: bool, n_steps: int):
         personalized.use("perfusion" if personalize else "plain")
         c = ours.get_learned_conditioning([prompt])
         uc = ours.get_learned_conditioning([""])
-        latents, _ = sampler.sample(S=n_steps, batch_size=1, shape=x_T.shape[1:], conditioning=c, x_T=x_T.clone(),
-                                    unconditional_conditioning=uc, unconditional_guidance_scale=scale, eta=0.0,
-                                    verbose=False)
+        latents = sample_model(ours, c, x_T.clone(), uc, steps=n_steps, scale=scale)
         return ((ours.decode_first_stage(latents) + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def diffusers_sample(n_steps: int):
@@ -757,11 +756,11 @@ def section_unet_overhead(args) -> dict:
         spec = {**common_spec(args, model), "model": model, "size": size, "batch": batch, "repeats": repeats}
         row = run_in_subprocess("unet-overhead", spec, args.timeout)
         rows.append(row)
-        ratios[model] = {"overhead": row.get("overhead"), "overhead_no_cache": row.get("overhead_no_cache"),
+        ratios[model] = {"overhead": row.get("overhead"), "overhead_every_call": row.get("overhead_every_call"),
                          "overhead_cpu_time": row.get("overhead_cpu"),
                          "personalized_over_plain": ratio(row.get("personalized_s"), row.get("plain_s"))}
-    header = ["model", "threads", "px", "batch", "N", "plain s", "personalized s (cache)", "overhead",
-              "overhead (CPU s)", "no cache s", "overhead no cache", "load"]
+    header = ["model", "threads", "px", "batch", "N", "plain s", "personalized s", "overhead",
+              "overhead (CPU s)", "rebuilt every call s", "overhead every call", "load"]
     table = []
     for row in rows:
         if "error" in row:
@@ -772,10 +771,10 @@ def section_unet_overhead(args) -> dict:
                       fmt(row["plain_s"], 4),
                       fmt(row["personalized_s"], 4), fmt(100 * row["overhead"], 1, "%"),
                       fmt(100 * row["overhead_cpu"], 1, "%"),
-                      fmt(row["personalized_no_cache_s"], 4), fmt(100 * row["overhead_no_cache"], 1, "%"),
+                      fmt(row["personalized_every_call_s"], 4), fmt(100 * row["overhead_every_call"], 1, "%"),
                       f"{row.get('load_average_start')}->{row.get('load_average_end')}"])
     print_table(f"UNet forward: personalized vs plain, {args.device}, median "
-                f"(goal: overhead <= {UNET_OVERHEAD_GOAL:.0%})", header, table)
+                f"(goal: overhead <= {UNET_OVERHEAD_GOAL:.1%})", header, table)
     summary = {"section": "unet_overhead", "device": args.device, "goal": UNET_OVERHEAD_GOAL, "ratios": ratios}
     print(json.dumps(summary), flush=True)
     return {**summary, "rows": rows}

@@ -22,8 +22,8 @@ from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from ldm.util import UserError, one_line_warnings  # noqa: E402
+from perfusion.roe import INFERENCE_BETA, INFERENCE_TAU, MULTI_CONCEPT_BETA, inference_gating  # noqa: E402
 
-SINGLE_BETA, MULTI_BETA, DEFAULT_TAU = 0.7, 0.6, 0.15
 # Single-token strings to rename placeholders to when two concept files share one.
 SPARE_PLACEHOLDERS = ["*", "&", "@", "$", "%", "#", "+", "=", "~", "^"]
 PLACEHOLDER_PATTERN = re.compile(r"\{(\d*)\}")
@@ -39,8 +39,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-file", dest="from_file", type=str, default=None, help="prompts, one per line")
     p.add_argument("--personalized_ckpt", type=str, default=None, help="concept file(s), comma separated")
     p.add_argument("--beta", type=str, default=None,
-                   help=f"gate bias, one value or one per concept (default {SINGLE_BETA}; {MULTI_BETA} for several)")
-    p.add_argument("--tau", type=str, default=None, help=f"gate temperature, one or per concept (default {DEFAULT_TAU})")
+                   help=f"gate bias, one value or one per concept (default {INFERENCE_BETA}; {MULTI_CONCEPT_BETA} for several)")
+    p.add_argument("--tau", type=str, default=None, help=f"gate temperature, one or per concept (default {INFERENCE_TAU})")
     p.add_argument("--global_locking", action="store_true", help="keys see the super-class prompt")
     p.add_argument("--advanced_sampler", action="store_true", help="use the sgm sampler of --sampler_config")
     p.add_argument("--sampler_config", type=str, default="configs/sampler/sampler.yaml")
@@ -124,12 +124,13 @@ def check_prompt_length(encoder, prompt: str, placeholders: list[str]) -> None:
 
 
 def config_family(config) -> str:
-    from perfusion.perfusion import family_of_text_encoder
+    from ldm.models.diffusion.ddpm import family_of_text_encoder
 
     return family_of_text_encoder(str(config.model.params.cond_stage_config.target).rsplit(".", 1)[-1])
 
 
 def load_and_check_concepts(paths: list[str], config) -> list:
+    from ldm.models.diffusion.ddpm import BASE_FAMILIES
     from perfusion.concept_file import check_concepts_compatible, check_target_inputs_independent, load_concept
 
     for path in paths:
@@ -140,7 +141,8 @@ def load_and_check_concepts(paths: list[str], config) -> list:
     family = config_family(config)
     for path, concept in zip(paths, concepts):
         if concept.metadata.get("base_model") != family:
-            other = "configs/perfusion_inference_sd_v2.yaml" if family == "sd1" else "configs/perfusion_inference.yaml"
+            other = next((f.inference_config for f in BASE_FAMILIES if f.name == concept.metadata.get("base_model")),
+                         "the config of the concept's base model")
             raise UsageError(f"concept {path} was trained on base model '{concept.metadata.get('base_model')}' "
                              f"but --config builds '{family}'; use --config {other} with the matching --ckpt")
     try:
@@ -178,37 +180,22 @@ def load_model(config, ckpt: str, device: torch.device):
 
 
 def make_sampler(opt, model):
-    if opt.advanced_sampler:
-        from sgm.sampling import build_sampler_and_denoiser, make_denoiser_fn
+    """(sampler, denoiser, name): DDIM (--ddim_eta) or PLMS (--plms) on the original timesteps, or the sgm sampler
+    of --sampler_config with --denoiser_config (--advanced_sampler), all over the model's own noise schedule."""
+    from sgm.sampling import build_sampler_and_denoiser, denoiser_for, original_sampler, schedule_of
 
+    if opt.advanced_sampler:
         sampler, denoiser = build_sampler_and_denoiser(opt.sampler_config, opt.denoiser_config,
                                                        parameterization=model.parameterization,
                                                        num_steps=opt.steps, guidance_scale=opt.scale,
-                                                       device=str(model.device), verbose=True)
-        denoise = make_denoiser_fn(denoiser.to(model.device), model.apply_model)
-
-        def run(c, uc, x_T, generator):
-            return sampler(denoise, x_T, c, uc, generator=generator)
-
-        return run, type(sampler).__name__
-    from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.models.diffusion.plms import PLMSSampler
-
-    sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
-
-    def run(c, uc, x_T, generator):
-        samples, _ = sampler.sample(S=opt.steps, batch_size=x_T.shape[0], shape=x_T.shape[1:], conditioning=c,
-                                    unconditional_conditioning=uc, unconditional_guidance_scale=opt.scale,
-                                    eta=opt.ddim_eta, x_T=x_T, generator=generator, verbose=True)
-        return samples
-
-    return run, type(sampler).__name__
-
-
-def key_context_for_global_locking(model, superclass_prompts: list[str], uc, doubled_batch: bool):
-    """Keys see the super-class prompt (and the empty prompt for the unconditional half)."""
-    c_super = model.cond_stage_model.encode(superclass_prompts)
-    return torch.cat([uc, c_super]) if doubled_batch else c_super
+                                                       device=str(model.device), verbose=True,
+                                                       alphas_cumprod=schedule_of(model))
+        denoiser = denoiser.to(model.device)
+    else:
+        sampler = original_sampler(model, "plms" if opt.plms else "ddim", steps=opt.steps, scale=opt.scale,
+                                   eta=opt.ddim_eta, verbose=True)
+        denoiser = denoiser_for(model)
+    return sampler, denoiser, type(sampler).__name__
 
 
 def to_images(model, samples) -> list[Image.Image]:
@@ -262,6 +249,8 @@ def fill_image_geometry(opt, config) -> None:
 def generate(opt) -> int:
     from omegaconf import OmegaConf
 
+    from sgm.sampling import sample
+
     # Everything that can be checked without the model is checked first.
     for flag, path in (("--config", opt.config), ("--ckpt", opt.ckpt)):
         if not Path(path).is_file():
@@ -292,8 +281,9 @@ def generate(opt) -> int:
     check_prompts(prompts, len(paths))
     concepts = load_and_check_concepts(paths, config) if paths else []
     k = len(concepts)
-    betas = parse_float_list(opt.beta, "beta", k, MULTI_BETA if k > 1 else SINGLE_BETA)
-    taus = parse_float_list(opt.tau, "tau", k, DEFAULT_TAU)
+    default_beta, default_tau = inference_gating(k)
+    betas = parse_float_list(opt.beta, "beta", k, default_beta)
+    taus = parse_float_list(opt.tau, "tau", k, default_tau)
     if any(t <= 0 for t in taus):
         raise UsageError(f"--tau must be > 0, got {opt.tau}")
     if opt.plms and opt.ddim_eta != 0:
@@ -306,13 +296,11 @@ def generate(opt) -> int:
     placeholders = distinct_placeholders(concepts) if concepts else []
     if concepts:
         model.load_concepts(concepts, beta=betas, tau=taus, placeholders=placeholders)
-    if hasattr(model, "edit_state"):
-        model.edit_state.set_cache_outputs(True)
     superclasses = [c.metadata.get("superclass") or c.metadata["placeholder"] for c in concepts]
     for prompt in prompts:
         check_prompt_length(model.cond_stage_model, fill_prompt(prompt, placeholders) if concepts else prompt,
                             placeholders)
-    run_sampler, sampler_name = make_sampler(opt, model)
+    sampler, denoiser, sampler_name = make_sampler(opt, model)
 
     outdir = Path(opt.outdir)
     sample_dir = outdir / "samples"
@@ -324,8 +312,6 @@ def generate(opt) -> int:
     shape = (opt.C, opt.H // opt.f, opt.W // opt.f)
     generator = torch.Generator(device=device).manual_seed(opt.seed)
     fixed_code = torch.randn((opt.n_samples, *shape), generator=generator, device=device) if opt.fixed_code else None
-    # Whether the UNet sees [uncond; cond] batches: DDIM/PLMS only when guiding, the sgm CFG guider always.
-    doubled_batch = opt.scale != 1.0 or opt.advanced_sampler
     all_images = []
     with torch.no_grad(), autocast:
         for prompt in prompts:
@@ -334,12 +320,11 @@ def generate(opt) -> int:
             c = model.get_learned_conditioning(batch)
             uc = model.get_learned_conditioning([""] * opt.n_samples)
             if opt.global_locking:
-                superclass_batch = [fill_prompt(prompt, superclasses)] * opt.n_samples
-                model.edit_state.set_key_context(key_context_for_global_locking(model, superclass_batch, uc, doubled_batch))
+                model.set_global_locking([text], [fill_prompt(prompt, superclasses)])
             for iteration in range(opt.n_iter):
                 x_T = fixed_code if fixed_code is not None else torch.randn((opt.n_samples, *shape),
                                                                             generator=generator, device=device)
-                samples = run_sampler(c, uc, x_T, generator)
+                samples = sample(model, c, x_T, uc, sampler=sampler, denoiser=denoiser, generator=generator)
                 images = to_images(model, samples)
                 fields = {"prompt": prompt, "text": text, "seed": opt.seed, "iteration": iteration,
                           "sampler": sampler_name, "steps": opt.steps, "scale": opt.scale, "eta": opt.ddim_eta,
@@ -353,7 +338,7 @@ def generate(opt) -> int:
                         base_count += 1
                 all_images.extend((image, fields) for image in images)
             if opt.global_locking:
-                model.edit_state.set_key_context(None)
+                model.set_global_locking(None)
     if not opt.skip_grid and all_images:
         grid = make_grid([im for im, _ in all_images], opt.n_rows or opt.n_samples)
         grid_fields = dict(all_images[0][1], prompts=" | ".join(prompts))

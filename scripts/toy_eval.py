@@ -48,7 +48,7 @@ def load_model(config_path: str = DEFAULT_CONFIG, ckpt: str | None = None, devic
 def sample(model, prompts: list[str], steps: int = 25, scale: float = 4.0, seed: int = 0,
            batch_size: int = 32) -> list[np.ndarray]:
     """DDIM samples (eta 0) of ``prompts`` as uint8 HxWx3 arrays; image i always starts from the same noise."""
-    from ldm.models.diffusion.ddim import DDIMSampler
+    from sgm.sampling import sample as sample_model
 
     shape = (model.channels, model.image_size, model.image_size)
     generator = torch.Generator().manual_seed(seed)
@@ -58,10 +58,8 @@ def sample(model, prompts: list[str], steps: int = 25, scale: float = 4.0, seed:
         batch = prompts[start:start + batch_size]
         c = model.get_learned_conditioning(batch)
         uc = model.get_learned_conditioning([""] * len(batch))
-        latents, _ = DDIMSampler(model).sample(S=steps, batch_size=len(batch), shape=shape, conditioning=c,
-                                               x_T=noise[start:start + len(batch)].to(model.device),
-                                               unconditional_conditioning=uc, unconditional_guidance_scale=scale,
-                                               verbose=False)
+        latents = sample_model(model, c, noise[start:start + len(batch)].to(model.device), uc, steps=steps,
+                               scale=scale)
         x = model.decode_first_stage(latents).clamp(-1, 1)
         images += list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     return images

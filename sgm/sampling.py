@@ -1,4 +1,5 @@
-"""Glue between a diffusion network (e.g. LatentDiffusion.apply_model) and the sgm samplers."""
+"""Glue between a diffusion model (LatentDiffusion: its apply_model, noise schedule and parameterization) and the
+sgm samplers; every sampler of the project, DDIM and PLMS included, runs through here."""
 import copy
 import os
 import warnings
@@ -23,6 +24,62 @@ def make_denoiser_fn(denoiser: Denoiser, network: Network) -> Callable[[torch.Te
         return denoiser(network, x, sigma, cond)
 
     return denoise
+
+
+SAMPLING = "sgm.modules.diffusionmodules."
+SAMPLERS = {"ddim": SAMPLING + "sampling.DDIMSampler", "plms": SAMPLING + "sampling.PLMSSampler"}
+
+
+def schedule_of(model) -> list[float]:
+    """The model's alpha_bar_t (float64 values of its buffer), the schedule every discretization of it uses."""
+    return model.alphas_cumprod.detach().double().cpu().tolist()
+
+
+def denoiser_for(model) -> Denoiser:
+    """D(x, sigma) for the model: its parameterization's scaling and its own discrete training schedule."""
+    if model.parameterization not in SCALING_FOR_PARAMETERIZATION:
+        raise ValueError(f"parameterization must be one of {sorted(SCALING_FOR_PARAMETERIZATION)}, "
+                         f"got {model.parameterization!r}.")
+    schedule = schedule_of(model)
+    return instantiate_from_config({
+        "target": SAMPLING + "denoiser.DiscreteDenoiser",
+        "params": {"scaling_config": {"target": SCALING_FOR_PARAMETERIZATION[model.parameterization]},
+                   "num_idx": len(schedule),
+                   "discretization_config": {"target": SAMPLING + "discretizer.LegacyDDPMDiscretization",
+                                             "params": {"alphas_cumprod": schedule}}}}).to(model.device)
+
+
+def guider_config(scale: float) -> dict:
+    """Classifier-free guidance at ``scale``; 1 means the conditional prediction alone (one batch, not two)."""
+    if scale == 1.0:
+        return {"target": SAMPLING + "guiders.IdentityGuider"}
+    return {"target": SAMPLING + "guiders.VanillaCFG", "params": {"scale": scale}}
+
+
+def original_sampler(model, name: str = "ddim", steps: int = 50, scale: float = 1.0, eta: float = 0.0,
+                     verbose: bool = False):
+    """DDIM (any eta) or PLMS on the original 'leading, +1' timesteps of the model's schedule."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    params = {"num_steps": steps, "verbose": verbose, "device": str(model.device),
+              "guider_config": guider_config(scale),
+              "discretization_config": {"target": SAMPLING + "discretizer.LeadingDDPMDiscretization",
+                                        "params": {"alphas_cumprod": schedule_of(model)}}}
+    if name == "ddim":
+        params["eta"] = eta
+    elif eta != 0:
+        raise ValueError("PLMS is deterministic: eta must be 0")
+    return instantiate_from_config({"target": SAMPLERS[name], "params": params})
+
+
+@torch.no_grad()
+def sample(model, cond: Any, x_T: torch.Tensor, uc: Any = None, sampler=None, denoiser: Denoiser = None,
+           generator: Optional[torch.Generator] = None, **sampler_kwargs) -> torch.Tensor:
+    """Samples (in the model's latent space) from the noise x_T: ``sampler`` (default: ``original_sampler(model,
+    **sampler_kwargs)``, i.e. DDIM) with ``denoiser`` (default ``denoiser_for(model)``) over ``model.apply_model``."""
+    sampler = sampler if sampler is not None else original_sampler(model, **sampler_kwargs)
+    denoiser = denoiser if denoiser is not None else denoiser_for(model)
+    return sampler(make_denoiser_fn(denoiser, model.apply_model), x_T, cond, uc, generator=generator)
 
 
 def _load_config(config: Union[str, os.PathLike, Mapping], what: str) -> dict:
@@ -50,16 +107,24 @@ def build_sampler_and_denoiser(
     guidance_scale: Optional[float] = None,
     device: Optional[str] = None,
     verbose: Optional[bool] = None,
+    alphas_cumprod: Optional[list] = None,
 ) -> Tuple[Any, Denoiser]:
     """Instantiate (sampler, denoiser) from yaml paths or dicts, with optional overrides.
 
     parameterization ("eps" or "v", i.e. model.parameterization) replaces an Eps/V scaling in the
     denoiser config that does not match the model, with a warning: a v-model (SD 2.1-768) denoised
     with EpsScaling gives noise. num_steps, guidance_scale (VanillaCFG scale), device and verbose
-    override the sampler config's values when given.
+    override the sampler config's values when given. alphas_cumprod (``schedule_of(model)``) replaces the
+    schedule of every DDPM discretization in both configs: the model's own training schedule.
     """
     sampler_cfg = _load_config(sampler_config, "sampler")
     denoiser_cfg = _load_config(denoiser_config, "denoiser")
+    if alphas_cumprod is not None:
+        for cfg in (sampler_cfg, denoiser_cfg):
+            discretization = (cfg.get("params") or {}).get("discretization_config") or {}
+            if str(discretization.get("target", "")).endswith(("LegacyDDPMDiscretization",
+                                                                "LeadingDDPMDiscretization")):
+                discretization["params"] = {"alphas_cumprod": list(alphas_cumprod)}
 
     if parameterization is not None:
         if parameterization not in SCALING_FOR_PARAMETERIZATION:

@@ -15,7 +15,7 @@ class TinyWorld:
     """A tiny SD1-structured base checkpoint, the C^-1 of its text encoder, and a toy concept folder."""
 
     def __init__(self, root: Path, family: str = "sd1"):
-        from ldm.testing import write_tiny_checkpoint
+        from tests._tiny_models import write_tiny_checkpoint
         from tests._tiny_concept import write_toy_c_inv, write_toy_concept_images
 
         self.root = root

@@ -9,9 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps
-from ldm.models.diffusion.plms import PLMSSampler
-from ldm.testing import build_tiny_model, randomize_zero_parameters, tiny_config, write_tiny_checkpoint
+from tests._tiny_models import randomize_zero_parameters, tiny_config, write_tiny_checkpoint
 from ldm.util import CheckpointError, count_params, instantiate_from_config, load_model_from_config, load_state_dict
 
 PUBLISHED_UNET = {"v1": 859_520_964, "v2": 865_910_724}
@@ -96,42 +94,6 @@ def test_pickle_needing_code_execution_is_refused_not_run(tmp_path):
 def test_missing_checkpoint_names_the_file_and_where_weights_go(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothere\.ckpt.*\n.*ckpt/"):
         load_state_dict(tmp_path / "nothere.ckpt")
-
-
-def test_ddim_timesteps_match_leading_spacing_with_offset_one():
-    assert list(make_ddim_timesteps(10, 1000)) == list(range(1, 1000, 100))
-
-
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_samplers_are_deterministic_finite_and_guided_in_one_call(family):
-    model = build_tiny_model(family)
-    calls = []
-    original_apply = model.apply_model
-
-    def counting_apply(x, t, c):
-        calls.append(x.shape[0])
-        return original_apply(x, t, c)
-
-    model.apply_model = counting_apply
-    with torch.no_grad():
-        c = model.get_learned_conditioning(["a teddy"] * 2)
-        uc = model.get_learned_conditioning([""] * 2)
-    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(S=5, batch_size=2, shape=(4, 8, 8), conditioning=c, unconditional_conditioning=uc,
-                  unconditional_guidance_scale=5.0, x_T=x_T, verbose=False)
-    a, _ = DDIMSampler(model).sample(eta=0.0, **kwargs)
-    b, _ = DDIMSampler(model).sample(eta=0.0, **kwargs)
-    assert calls == [4] * 10  # cond and uncond batched together, one call per step
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert torch.isfinite(a).all() and a.shape == (2, 4, 8, 8)
-    noisy, _ = DDIMSampler(model).sample(eta=1.0, generator=torch.Generator().manual_seed(1), **kwargs)
-    assert (noisy - a).abs().max() > 1e-3  # eta > 0 injects noise
-    calls.clear()
-    p, _ = PLMSSampler(model).sample(**kwargs)
-    assert calls == [4] * 6  # the first PLMS step is a two-evaluation Heun step
-    assert torch.isfinite(p).all() and (p - a).abs().max() < 10 * a.abs().max()
-    with pytest.raises(ValueError, match="eta"):
-        PLMSSampler(model).sample(eta=0.5, **kwargs)
 
 
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():

@@ -79,7 +79,7 @@ def test_unet_overhead_and_sample_ratios_are_measured_on_the_same_computation(ti
     assert results["sections"]["unet_overhead"]["ratios"]["tiny"]["overhead"] == pytest.approx(
         overhead["personalized_s"] / overhead["plain_s"] - 1)
     assert overhead["edit_changes_output"] > 1e-4     # the personalized forward really computed the edit
-    assert overhead["cache_matches_no_cache"] <= 1e-5  # and the cache returned the same values
+    assert overhead["every_call_matches"] <= 1e-5      # and rebuilding the edited weights every call changes nothing
     sample = results["sections"]["sample"]
     row = sample["rows"][0]
     assert "error" not in row

@@ -1,4 +1,4 @@
-"""Gated rank-one edit layers (perfusion/roe.py) against the equations of the method file."""
+"""Gated rank-one edit layers (perfusion/roe.py) against the equations of docs/method.md."""
 
 import os
 
@@ -45,7 +45,7 @@ def make_layer(role="value", dtype=torch.float64, num_concepts=1, seed=1, state=
 
 
 def method_single_concept(e, weight, c_inv, i_star, o_star, beta, tau):
-    """The single-concept equations of the method file, written out with the explicit C^-1."""
+    """The single-concept equations of docs/method.md, written out with the explicit C^-1."""
     sim = e @ c_inv @ i_star
     en = i_star @ c_inv @ i_star
     e_perp = e - (sim / en)[..., None] * i_star
@@ -296,43 +296,28 @@ def test_bfloat16_autocast_keeps_gate_in_float32():
 
 
 # ---------------------------------------------------------------------------------------------
-# Output cache (inference)
+# Per-prompt work: the projection folded into the weight once per EditState change
 # ---------------------------------------------------------------------------------------------
 
-def test_output_cache_equals_uncached_and_invalidates():
+def test_edited_weight_is_rebuilt_exactly_when_the_state_or_weight_changes():
     layer, state, c_inv, i_star, o_star = setup_single("value", dtype=torch.float32, beta=0.7, tau=0.15)
     e = torch.randn(2, 7, DIM)
     e[:, 1] = i_star.float()
+    expected = F.linear(e - project_onto_targets(e, state.target_inputs, state.c_inv_target_inputs), layer.weight)
     with torch.no_grad():
-        uncached = layer(e)
-        state.set_cache_outputs(True)
-        first = layer(e)
-        assert torch.allclose(first, uncached, atol=1e-5)
-        assert layer(e) is first                                 # same tensor object: reused
-        assert layer(e.clone()) is first                         # new object, same contents (per-step cat)
-        state.set_gating(0.5, 0.15)                              # setter bumps the version
-        regated = layer(e)
-        assert regated is not first and not torch.allclose(regated, first)
-        regated.add_(1.0)                                        # a caller wrote into the cached output
-        assert torch.allclose(layer(e), regated - 1.0, atol=1e-5)
-        regated = layer(e)
-        e.mul_(2.0)                                              # in-place change of the input
-        doubled = layer(e)
-        assert doubled is not regated
-        state.set_cache_outputs(False)
-        assert torch.allclose(doubled, layer(e), atol=1e-5)
-        state.set_cache_outputs(True)
-        layer.set_target_outputs(torch.zeros(OUT))
-        assert torch.allclose(layer(e), F.linear(e - project_onto_targets(e, state.target_inputs.float(),
-                                                                          state.c_inv_target_inputs.float()),
-                                                 layer.weight), atol=1e-5)
-    with torch.inference_mode():
-        inference_input = e.clone()
-        a = layer(inference_input)
-        assert layer(inference_input) is a                       # content comparison without version counters
-    state.set_cache_outputs(True)
-    recorded = layer(e)                                          # grad enabled: never cached
-    assert recorded is not layer(e) and layer._cache is None
+        folded = layer.edited_weight(torch.float32)
+        assert torch.allclose(F.linear(e, folded), expected, atol=1e-5)
+        assert layer.edited_weight(torch.float32) is folded                # same state: made once
+        state.set_gating(0.5, 0.15)                                         # any setter makes a new state
+        assert layer.edited_weight(torch.float32) is not folded
+        refolded = layer.edited_weight(torch.float32)
+        layer.weight.mul_(2.0)                                              # in-place change of W
+        assert torch.allclose(layer.edited_weight(torch.float32), 2 * refolded, atol=1e-5)
+        assert layer.edited_weight(torch.float64).dtype == torch.float64
+    # the fold keeps the gradient path to the input (the embedding trains through it) and to o*_V
+    e = e.requires_grad_()
+    layer(e).sum().backward()
+    assert e.grad is not None and layer.target_output.grad is not None and layer.weight.grad is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,20 +433,28 @@ def test_global_locking_changes_keys_only():
     concept_prompt[:, 3] = i_star
     superclass_prompt = concept_prompt.clone()
     superclass_prompt[:, 3] = i_super
-    local = {name: layer(concept_prompt) for name, layer in layers.items()}
-    state.set_key_context(superclass_prompt)
+    other_prompt = torch.randn(1, 7, DIM)                               # e.g. the empty prompt of guidance
+    batch = torch.cat([other_prompt, concept_prompt])
+    local = {name: layer(batch) for name, layer in layers.items()}
+    state.set_global_locking(concept_prompt, superclass_prompt)
     for name, layer in layers.items():
-        out = layer(concept_prompt)
+        out = layer(batch)
         if layer.role == "value":
             assert torch.equal(out, local[name]), name
         else:
-            assert torch.allclose(out, F.linear(superclass_prompt, layer.weight), atol=1e-6), name
-            assert not torch.allclose(out, local[name], atol=1e-3), name
-    state.set_key_context(superclass_prompt[:1])                       # batch 1 broadcasts
-    assert layers[EXPECTED_NAMES[0]](concept_prompt).shape == (2, 7, 16)
-    state.set_key_context(torch.randn(2, 5, DIM))
-    with pytest.raises(ValueError, match="key_context"):
-        layers[EXPECTED_NAMES[0]](concept_prompt)
+            assert torch.allclose(out[1:], F.linear(superclass_prompt, layer.weight), atol=1e-6), name
+            assert torch.allclose(out[:1], F.linear(other_prompt, layer.weight), atol=1e-6), name
+            assert not torch.allclose(out[1:], local[name][1:], atol=1e-3), name
+    # rows are matched by content, in any order, and through a half-precision round trip
+    key = layers[EXPECTED_NAMES[0]]
+    swapped_rows = torch.cat([concept_prompt.flip(0), other_prompt]).half().float()
+    assert torch.allclose(key(swapped_rows)[:2], F.linear(superclass_prompt.flip(0), key.weight), atol=1e-6)
+    with pytest.raises(ValueError, match="none of the prompts"):
+        key(other_prompt)
+    with pytest.raises(ValueError, match="shape"):
+        key(torch.randn(2, 5, DIM))
+    with pytest.raises(ValueError, match="one super-class encoding per prompt"):
+        state.set_global_locking(concept_prompt, superclass_prompt[:1])
 
 
 def test_swap_rejects_models_without_cross_attention():
@@ -528,10 +521,10 @@ def test_swap_on_spatial_transformer_edits_attn2_only():
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_swapped_tiny_sd_unet_loads_checkpoint_and_caches_across_steps(tmp_path, family):
+def test_swapped_tiny_sd_unet_loads_checkpoint_and_edits_the_output(tmp_path, family):
     """Real UNetModel of both families: checkpoint loads into the swapped model, no-concept output is
-    unchanged, and the per-prompt cache reproduces uncached denoising steps."""
-    from ldm.testing import build_tiny_model, write_tiny_checkpoint
+    unchanged, and a concept changes it, the same at every step for the same prompt."""
+    from tests._tiny_models import build_tiny_model, write_tiny_checkpoint
 
     from ldm.util import load_state_dict
 
@@ -564,18 +557,6 @@ def test_swapped_tiny_sd_unet_loads_checkpoint_and_caches_across_steps(tmp_path,
         state.set_gating(0.6, 0.15)
         for layer in layers.values():
             layer.initialize_targets(torch.randn(dim, generator=gen))
-        uncached = [model.apply_model(x * s, t, torch.cat([cond[1:], cond[:1]])) for s in (1.0, 0.5)]
-        assert (uncached[0] - model.apply_model(x, t, torch.cat([cond[1:], cond[:1]]))).abs().max() == 0
-        assert (uncached[0] - reference.apply_model(x, t, torch.cat([cond[1:], cond[:1]]))).abs().max() > 1e-4
-        state.set_cache_outputs(True)
-        produced = {name: [] for name in layers}
-        hooks = [layer.register_forward_hook(lambda m, i, o, name=name: produced[name].append(o))
-                 for name, layer in layers.items()]
-        # Samplers re-concatenate (uncond, cond) every step: a new tensor with the same contents.
-        cached = [model.apply_model(x * s, t, torch.cat([cond[1:], cond[:1]])) for s in (1.0, 0.5)]
-        for hook in hooks:
-            hook.remove()
-    for name, outputs in produced.items():
-        assert len(outputs) == 2 and outputs[1] is outputs[0], name     # step 2 reused step 1's projection
-    for a, b in zip(cached, uncached):
-        assert torch.allclose(a, b, atol=1e-5)
+        edited = model.apply_model(x, t, torch.cat([cond[1:], cond[:1]]))
+        assert (edited - model.apply_model(x, t, torch.cat([cond[1:], cond[:1]]))).abs().max() == 0
+        assert (edited - reference.apply_model(x, t, torch.cat([cond[1:], cond[:1]]))).abs().max() > 1e-4

@@ -1,4 +1,4 @@
-"""Generation: the seed's command line on a tiny model, samplers, caching, global locking, several concepts."""
+"""Generation: the seed's command line on a tiny model, samplers, per-prompt work, global locking, several concepts."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import default_collate
 
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import instantiate_from_config
 from perfusion.concept_file import load_concept, save_concept
 from perfusion.roe import concept_gate, edited_layers, energy, similarity
@@ -108,17 +107,15 @@ def test_other_samplers_write_finite_images_of_the_right_size(concepts, tiny_wor
 
 
 def _sample(model, sampler_kind, steps, x_T, c, uc, scale=3.0):
-    if sampler_kind == "ddim":
-        out, _ = DDIMSampler(model).sample(S=steps, batch_size=x_T.shape[0], shape=x_T.shape[1:], conditioning=c,
-                                           unconditional_conditioning=uc, unconditional_guidance_scale=scale,
-                                           x_T=x_T, verbose=False)
-        return out
-    from sgm.sampling import build_sampler_and_denoiser, make_denoiser_fn
+    from sgm.sampling import build_sampler_and_denoiser, sample, schedule_of
 
+    if sampler_kind == "ddim":
+        return sample(model, c, x_T, uc, steps=steps, scale=scale)
     sampler, denoiser = build_sampler_and_denoiser("configs/sampler/sampler.yaml", "configs/denoiser/denoiser.yaml",
                                                    parameterization=model.parameterization, num_steps=steps,
-                                                   guidance_scale=scale, verbose=False)
-    return sampler(make_denoiser_fn(denoiser, model.apply_model), x_T, c, uc)
+                                                   guidance_scale=scale, verbose=False,
+                                                   alphas_cumprod=schedule_of(model))
+    return sample(model, c, x_T, uc, sampler=sampler, denoiser=denoiser)
 
 
 def _concept_inputs(model, concept):
@@ -133,11 +130,9 @@ def _concept_inputs(model, concept):
 def test_edm_euler_with_many_steps_approaches_ddim(inference_model, concepts):
     model = inference_model
     c, uc, x_T = _concept_inputs(model, concepts[0])
-    model.edit_state.set_cache_outputs(True)
     ddim = _sample(model, "ddim", 100, x_T, c, uc)
     euler = _sample(model, "euler", 100, x_T, c, uc)
     few_steps = _sample(model, "euler", 5, x_T, c, uc)
-    model.edit_state.set_cache_outputs(False)
     relative = ((euler - ddim).norm() / ddim.norm()).item()
     coarse = ((few_steps - ddim).norm() / ddim.norm()).item()
     print(f"\nEDM Euler vs DDIM (100 steps): relative difference {relative:.4f} (Euler 5 steps: {coarse:.4f})")
@@ -147,21 +142,44 @@ def test_edm_euler_with_many_steps_approaches_ddim(inference_model, concepts):
 
 
 @torch.no_grad()
-def test_kv_cache_gives_identical_samples(inference_model, concepts):
+def test_per_prompt_work_is_done_once_per_edit_state_and_equals_the_equations(inference_model, concepts):
+    """No output cache: each edited layer folds the projection into its weight once per EditState change, and the
+    samples equal those of layers that apply the method's equations directly at every call."""
+    import perfusion.roe as roe
+
     model = inference_model
     c, uc, x_T = _concept_inputs(model, concepts[0])
-    model.edit_state.set_cache_outputs(False)
-    uncached = _sample(model, "ddim", 6, x_T, c, uc)
-    computed = []
-    layer = next(iter(edited_layers(model.model.diffusion_model, "value").values()))
-    original = layer._edited_forward
-    layer._edited_forward = lambda e: (computed.append(1), original(e))[1]
-    model.edit_state.set_cache_outputs(True)
-    cached = _sample(model, "ddim", 6, x_T, c, uc)
-    layer._edited_forward = original
-    model.edit_state.set_cache_outputs(False)
-    assert len(computed) == 1  # the text side was computed once for all 6 steps
-    assert (cached - uncached).abs().max() <= 1e-5
+    layers = edited_layers(model.model.diffusion_model)
+    folds = []
+    original_projection = roe.project_onto_targets
+    roe.project_onto_targets = lambda *a: (folds.append(1), original_projection(*a))[1]
+    try:
+        folded = _sample(model, "ddim", 6, x_T, c, uc)
+        assert len(folds) == len(layers)                   # once per layer for all 6 steps, cond and uncond
+        model.edit_state.set_gating(0.7, 0.15)             # a new state: the layers fold again, once
+        _sample(model, "ddim", 2, x_T, c, uc)
+        assert len(folds) == 2 * len(layers)
+    finally:
+        roe.project_onto_targets = original_projection
+
+    def by_the_equations(layer, e):
+        state = layer.state
+        targets, c_inv_targets = state.target_inputs.float(), state.c_inv_target_inputs.float()
+        gate = concept_gate(similarity(e, c_inv_targets), energy(targets, c_inv_targets), state.beta.float(),
+                            state.tau.float())
+        e_perp = e - original_projection(e, targets, c_inv_targets)
+        return torch.nn.functional.linear(e_perp, layer.weight) + gate @ layer.target_output
+
+    forwards = {name: layer.forward for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.forward = lambda e, layer=layer: by_the_equations(layer, e)
+    try:
+        direct = _sample(model, "ddim", 6, x_T, c, uc)
+    finally:
+        for name, layer in layers.items():
+            layer.forward = forwards[name]
+    assert (folded - direct).abs().max() <= 1e-4 * direct.abs().max()
+    assert not any(vars(layer).get("_cache") for layer in layers.values())
 
 
 @torch.no_grad()
@@ -173,12 +191,20 @@ def test_global_locking_feeds_keys_the_superclass_prompt_and_values_the_concept_
     key_name, key_layer = next(iter(edited_layers(model.model.diffusion_model, "key").items()))
     value_layer = edited_layers(model.model.diffusion_model, "value")[key_name.replace("to_k", "to_v")]
     local_keys, local_values = key_layer(concept_prompt), value_layer(concept_prompt)
-    model.edit_state.set_key_context(superclass_prompt)
-    global_keys, global_values = key_layer(concept_prompt), value_layer(concept_prompt)
-    model.edit_state.set_key_context(None)
-    torch.testing.assert_close(global_keys, superclass_prompt @ key_layer.weight.T, rtol=0, atol=1e-6)
-    torch.testing.assert_close(global_values, local_values, rtol=0, atol=0)
-    assert (global_keys - local_keys).abs().max() > 1e-4
+    unconditional = model.get_learned_conditioning([""])
+    model.set_global_locking(["a photo of a *"], ["a photo of a teddy"])
+    batch = torch.cat([unconditional, concept_prompt])                # guidance's [uncond; cond] layout
+    global_keys, global_values = key_layer(batch), value_layer(batch)
+    model.set_global_locking(None)
+    torch.testing.assert_close(global_keys[1:], superclass_prompt @ key_layer.weight.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(global_keys[:1], unconditional @ key_layer.weight.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(global_values[1:], local_values, rtol=0, atol=1e-5)
+    assert (global_keys[1:] - local_keys).abs().max() > 1e-4
+    assert (key_layer(concept_prompt) - local_keys).abs().max() == 0  # back to local locking
+    model.set_global_locking(["a photo of a *"], ["a photo of a teddy"])
+    with pytest.raises(ValueError, match="none of the prompts"):
+        key_layer(model.get_learned_conditioning(["a red car"]))
+    model.set_global_locking(None)
 
 
 def test_global_locking_command_line(concepts, tiny_world, tmp_path):

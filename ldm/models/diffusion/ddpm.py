@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import contextmanager
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -18,10 +19,30 @@ from ldm.util import CheckpointError, count_params, default, instantiate_from_co
 BACKBONE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 # (EMA attribute, averaged module): the UNet always, the text encoder when it is trained too.
 EMA_OF = (("model_ema", "model"), ("cond_stage_model_ema", "cond_stage_model"))
-TEXT_ENCODER_FAMILIES = {
-    "cond_stage_model.transformer.": "Stable Diffusion 1.x (CLIP ViT-L/14 text encoder)",
-    "cond_stage_model.model.": "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder)",
-}
+
+
+@dataclass(frozen=True)
+class BaseFamily:
+    """A family of base models: the text-encoder class that tells it, the checkpoint key prefix of that encoder,
+    and the inference config of the family's Perfusion concepts."""
+    name: str
+    description: str
+    text_encoder_class: str
+    checkpoint_prefix: str
+    inference_config: str
+
+
+BASE_FAMILIES = (
+    BaseFamily("sd1", "Stable Diffusion 1.x (CLIP ViT-L/14 text encoder)", "FrozenCLIPEmbedder",
+               "cond_stage_model.transformer.", "configs/perfusion_inference.yaml"),
+    BaseFamily("sd2", "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder)", "FrozenOpenCLIPEmbedder",
+               "cond_stage_model.model.", "configs/perfusion_inference_sd_v2.yaml"),
+)
+
+
+def family_of_text_encoder(class_name: str) -> str:
+    """The family name (sd1, sd2) a text-encoder class belongs to; another class names itself."""
+    return next((f.name for f in BASE_FAMILIES if f.text_encoder_class == class_name), class_name)
 
 
 def disabled_train(self, mode: bool = True):
@@ -32,9 +53,9 @@ def disabled_train(self, mode: bool = True):
 def checkpoint_family(keys: Iterable[str]) -> str | None:
     """Which Stable Diffusion family a state dict belongs to, judged by its text-encoder keys."""
     keys = list(keys)
-    for prefix, family in TEXT_ENCODER_FAMILIES.items():
-        if any(k.startswith(prefix) for k in keys):
-            return family
+    for family in BASE_FAMILIES:
+        if any(k.startswith(family.checkpoint_prefix) for k in keys):
+            return family.description
     return None
 
 
@@ -456,7 +477,7 @@ class LatentDiffusion(DDPM):
                    scale: float = 4.0, **kwargs):
         """Inputs, reconstructions and DDIM samples (EMA weights) of the batch's captions, with and without
         guidance."""
-        from ldm.models.diffusion.ddim import DDIMSampler
+        from sgm.sampling import sample as sample_model
 
         N = min(N, len(batch[self.cond_stage_key]))
         x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
@@ -470,9 +491,7 @@ class LatentDiffusion(DDPM):
             c = self.get_learned_conditioning(list(batch[self.cond_stage_key])[:N])
             uc = self.get_learned_conditioning([""] * N)
             for label, guidance in (("samples", 1.0), (f"samples_scale{scale:g}", scale)):
-                latents, _ = DDIMSampler(self).sample(
-                    S=ddim_steps or 50, batch_size=N, shape=z.shape[1:], conditioning=c, x_T=x_T,
-                    unconditional_conditioning=uc, unconditional_guidance_scale=guidance, verbose=False)
+                latents = sample_model(self, c, x_T, uc, steps=ddim_steps or 50, scale=guidance)
                 log[label] = self.decode_first_stage(latents)
         return log
 

@@ -149,7 +149,7 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.image_size = image_size
-        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.dtype = torch.float16 if use_fp16 else None  # None: run in the input's precision
         time_embed_dim = model_channels * 4
 
         def heads_for(ch):  # SD 1.x fixes the head count, SD 2.x the head width
@@ -216,7 +216,7 @@ class UNetModel(nn.Module):
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
-        h = x.type(self.dtype)
+        h = x if self.dtype is None else x.type(self.dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)

@@ -58,7 +58,7 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (stable under fp16 autocast), result cast back."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
 
 def normalization(channels: int) -> nn.Module:

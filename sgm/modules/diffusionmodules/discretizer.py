@@ -21,27 +21,43 @@ def generate_roughly_equally_spaced_steps(num_substeps: int, max_step: int) -> n
 
 
 class Discretization(ABC):
-    """Base class: `__call__` returns sigmas in descending order with a final 0 appended."""
+    """Base class: `__call__` returns sigmas in descending order with the final sigma (0, unless the
+    discretization says otherwise) appended."""
 
     def __call__(self, n: int, device="cpu", do_append_zero: bool = True, flip: bool = False) -> torch.Tensor:
         if int(n) != n or n < 1:
             raise ValueError(f"Number of sigmas must be a positive integer, got {n!r}.")
         sigmas = self.get_sigmas(int(n), device=device)
         if do_append_zero:
-            sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+            sigmas = torch.cat([sigmas, sigmas.new_full((1,), self.final_sigma())])
         return sigmas.flip(0) if flip else sigmas
+
+    def final_sigma(self) -> float:
+        """Where sampling ends: 0 (the data), unless a discretization stops at a trained noise level."""
+        return 0.0
 
     @abstractmethod
     def get_sigmas(self, n: int, device="cpu") -> torch.Tensor:
         """n sigmas, descending, float32."""
 
 
-class LegacyDDPMDiscretization(Discretization):
-    """The discrete SD 1.x/2.x training schedule, subsampled to n evenly spaced timesteps."""
+def sigmas_of(alphas_cumprod: np.ndarray) -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), from float64 to float32 once, the same way everywhere, so
+    that sigma <-> timestep lookups (DiscreteDenoiser) are exact."""
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    return torch.tensor(((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5, dtype=torch.float32)
 
-    def __init__(self, linear_start: float = 0.00085, linear_end: float = 0.0120, num_timesteps: int = 1000):
-        self.num_timesteps = int(num_timesteps)
-        self.alphas_cumprod = scaled_linear_alphas_cumprod(linear_start, linear_end, self.num_timesteps)
+
+class LegacyDDPMDiscretization(Discretization):
+    """A discrete DDPM training schedule (SD 1.x/2.x's scaled-linear one unless ``alphas_cumprod`` is given,
+    e.g. a model's own cosine schedule), subsampled to n evenly spaced timesteps."""
+
+    def __init__(self, linear_start: float = 0.00085, linear_end: float = 0.0120, num_timesteps: int = 1000,
+                 alphas_cumprod=None):
+        if alphas_cumprod is None:
+            alphas_cumprod = scaled_linear_alphas_cumprod(linear_start, linear_end, int(num_timesteps))
+        self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+        self.num_timesteps = len(self.alphas_cumprod)
 
     def timesteps(self, n: int) -> np.ndarray:
         """The ascending DDPM timestep indices whose sigmas `get_sigmas(n)` returns (reversed)."""
@@ -52,10 +68,22 @@ class LegacyDDPMDiscretization(Discretization):
         return generate_roughly_equally_spaced_steps(n, self.num_timesteps)
 
     def get_sigmas(self, n: int, device="cpu") -> torch.Tensor:
-        alphas_cumprod = self.alphas_cumprod[self.timesteps(n)]
-        # float64 -> float32 once, the same way everywhere, so sigma <-> index lookups are exact.
-        sigmas = torch.tensor(((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5, dtype=torch.float32, device=device)
-        return sigmas.flip(0)
+        return sigmas_of(self.alphas_cumprod[self.timesteps(n)]).to(device).flip(0)
+
+
+class LeadingDDPMDiscretization(LegacyDDPMDiscretization):
+    """The timesteps of the original DDIM and PLMS samplers: 'leading' spacing shifted by one
+    (t = 1, 1 + T/n, 1 + 2T/n, ...; diffusers' timestep_spacing="leading", steps_offset=1), ending at
+    alpha_bar_0's noise level rather than at 0 (diffusers' set_alpha_to_one=False)."""
+
+    def timesteps(self, n: int) -> np.ndarray:
+        if not 0 < n < self.num_timesteps:  # shifted by +1, so n = T would step past the schedule
+            raise ValueError(f"steps must be between 1 and {self.num_timesteps - 1}, got {n}")
+        stride = self.num_timesteps // n
+        return np.arange(0, self.num_timesteps, stride)[:n] + 1
+
+    def final_sigma(self) -> float:
+        return float(sigmas_of(self.alphas_cumprod[:1])[0])
 
 
 class EDMDiscretization(Discretization):

@@ -39,21 +39,13 @@ class VanillaCFG:
 
     def __init__(self, scale: float):
         self.scale = scale
-        self._batched = None  # (uc, c, batched): the same conditioning is batched once per sampling run
-
-    def batched_conditioning(self, c: Any, uc: Any) -> Any:
-        """[uc; c], reused while the caller passes the same objects: the network then sees one tensor object at
-        every step, so prompt-only work inside it (Perfusion's K/V projections) can be cached by identity."""
-        if self._batched is None or self._batched[0] is not uc or self._batched[1] is not c:
-            self._batched = (uc, c, concat_uncond_cond(uc, c))
-        return self._batched[2]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x_u, x_c = x.chunk(2)
         return x_u + self.scale * (x_c - x_u)
 
     def prepare_inputs(self, x: torch.Tensor, s: torch.Tensor, c: Any, uc: Any) -> Tuple[torch.Tensor, torch.Tensor, Any]:
-        return torch.cat([x] * 2), torch.cat([s] * 2), self.batched_conditioning(c, uc)
+        return torch.cat([x] * 2), torch.cat([s] * 2), concat_uncond_cond(uc, c)
 
 
 class IdentityGuider:

@@ -3,6 +3,12 @@
 Every sampler is called as  sampler(denoiser, x, cond, uc=None, num_steps=None, generator=None),
 where denoiser(x, sigma, cond) -> x0 estimate (see sgm.sampling.make_denoiser_fn) and x is
 standard-normal noise. Samplers share the loop machinery and differ only in `sampler_step`.
+
+They work on the variance-exploding state x_ve = x0 + sigma * eps; a DDPM state x_t is x_ve / sqrt(1 + sigma^2)
+with sigma^2 = (1 - alpha_bar_t) / alpha_bar_t. The result is returned in the DDPM scaling of the last sigma
+(the data itself when it is 0, as for most discretizations). In these coordinates the original DDIM update is an
+Euler step of the probability-flow ODE (eta = 0) or an ancestral Euler step (eta > 0), and PLMS is a linear
+multistep method on the same slope d = (x - D(x)) / sigma, which is the noise estimate eps.
 """
 from typing import Any, Callable, Mapping, Optional, Tuple
 
@@ -71,6 +77,11 @@ class BaseDiffusionSampler:
         denoised = denoiser(*self.guider.prepare_inputs(x, sigma, cond, uc))
         return self.guider(denoised, sigma)
 
+    @staticmethod
+    def finish(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The final state in DDPM scaling: x at the last sigma (x itself when that is 0)."""
+        return x / torch.sqrt(1.0 + sigmas[-1] ** 2.0)
+
     def get_sigma_gen(self, num_sigmas: int):
         """Step indices 0 .. num_sigmas - 2, with a progress bar when verbose."""
         steps = num_sigmas - 1
@@ -128,7 +139,7 @@ class EDMSampler(SingleStepDiffusionSampler):
             in_churn_range = self.s_tmin <= float(sigmas[i]) <= self.s_tmax
             gamma = min(self.s_churn / (num_sigmas - 1), 2**0.5 - 1) if in_churn_range else 0.0
             x = self.sampler_step(s_in * sigmas[i], s_in * sigmas[i + 1], denoiser, x, cond, uc, gamma, generator)
-        return x
+        return self.finish(x, sigmas)
 
 
 class EulerEDMSampler(EDMSampler):
@@ -180,7 +191,7 @@ class AncestralSampler(SingleStepDiffusionSampler):
         x, s_in, sigmas, num_sigmas, cond, uc = self.prepare_sampling_loop(x, cond, uc, num_steps)
         for i in self.get_sigma_gen(num_sigmas):
             x = self.sampler_step(s_in * sigmas[i], s_in * sigmas[i + 1], denoiser, x, cond, uc, generator)
-        return x
+        return self.finish(x, sigmas)
 
 
 class EulerAncestralSampler(AncestralSampler):
@@ -189,6 +200,52 @@ class EulerAncestralSampler(AncestralSampler):
         denoised = self.denoise(x, denoiser, sigma, cond, uc)
         x = self.ancestral_euler_step(x, denoised, sigma, sigma_down)
         return self.ancestral_step(x, sigma, next_sigma, sigma_up, generator)
+
+
+class DDIMSampler(EulerAncestralSampler):
+    """DDIM (Song et al. 2021), any eta: with eta = 0 an Euler step of the probability-flow ODE in sigma, with
+    eta > 0 an ancestral Euler step whose noise sigma_up is DDIM's sigma_t / sqrt(alpha_bar_prev) (the same
+    formula as get_ancestral_step). With LeadingDDPMDiscretization it is the original sampler step for step."""
+
+    def __init__(self, discretization_config: Mapping, num_steps: Optional[int] = None,
+                 guider_config: Optional[Mapping] = None, verbose: bool = False, device="cpu", eta: float = 0.0):
+        super().__init__(discretization_config, num_steps, guider_config, verbose, device, eta=eta)
+
+
+class PLMSSampler(BaseDiffusionSampler):
+    """PLMS (Liu et al. 2022): Adams-Bashforth steps on the slope d = eps (orders 2, 3, 4 as history allows);
+    the first step averages the slopes at both ends of an Euler step (two network calls). Deterministic."""
+
+    COEFFICIENTS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
+                    4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+    def slope(self, x, denoiser, sigma, cond, uc):
+        return to_d(x, sigma, self.denoise(x, denoiser, sigma, cond, uc))
+
+    def sampler_step(self, history, sigma, next_sigma, denoiser, x, cond, uc):
+        d = self.slope(x, denoiser, sigma, cond, uc)
+        dt = append_dims(next_sigma - sigma, x.ndim)
+        if not history:
+            d_next = self.slope(x + dt * d, denoiser, next_sigma, cond, uc)
+            combined = (d + d_next) / 2
+        else:
+            slopes = [d, *reversed(history)]
+            combined = sum(c * s for c, s in zip(self.COEFFICIENTS[len(slopes)], slopes))
+        history.append(d)
+        del history[:-3]
+        return x + dt * combined
+
+    def __call__(self, denoiser: DenoiserFn, x: torch.Tensor, cond: Any, uc: Any = None,
+                 num_steps: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        # `generator` is accepted for a uniform interface; this sampler draws no noise.
+        x, s_in, sigmas, num_sigmas, cond, uc = self.prepare_sampling_loop(x, cond, uc, num_steps)
+        if float(sigmas[-1]) == 0.0 and num_sigmas == 2:
+            raise ValueError("PLMS's first step evaluates the network at the next sigma: it cannot end at 0 in one "
+                             "step; use a discretization that ends at a trained noise level or more steps")
+        history: list[torch.Tensor] = []
+        for i in self.get_sigma_gen(num_sigmas):
+            x = self.sampler_step(history, s_in * sigmas[i], s_in * sigmas[i + 1], denoiser, x, cond, uc)
+        return self.finish(x, sigmas)
 
 
 class DPMPP2MSampler(BaseDiffusionSampler):
@@ -219,4 +276,4 @@ class DPMPP2MSampler(BaseDiffusionSampler):
             x, old_denoised = self.sampler_step(
                 old_denoised, previous_sigma, s_in * sigmas[i], s_in * sigmas[i + 1], denoiser, x, cond, uc
             )
-        return x
+        return self.finish(x, sigmas)

@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-shaped models of the same classes, with seeded random weights, for tests and the demo.
+"""Tiny Stable-Diffusion-shaped models of the same classes, with seeded random weights, for tests and the benchmark.
 
 Zero-initialised layers (UNet output convs, transformer proj_out) are given small random values so that every
 sub-network influences the output: a test comparing two implementations must not pass because a branch is zero.
