@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddpm import BACKBONE_PREFIXES
-from ldm.util import (ConfigError, MissingFileError, UserError, accepted_parameters, check_config_keys,
-                      instantiate_from_config, one_line_warnings, validate_config)
+from ldm.util import (ConfigError, MissingFileError, UserError, accepted_parameters, atomic_write,
+                      check_config_keys, instantiate_from_config, one_line_warnings, validate_config)
 
 # The frozen base model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
@@ -140,9 +140,7 @@ class DatasetEpoch(Callback):
 
 def atomic_copy(source, destination) -> None:
     """Copy through a temporary file and a rename, so readers never see a half-written file."""
-    tmp = f"{destination}.tmp"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, destination)
+    atomic_write(destination, lambda temporary: shutil.copyfile(source, temporary))
 
 
 class ConceptCheckpoint(Callback):
@@ -214,8 +212,7 @@ class BaseModelExport(Callback):
         state = {k: v.to(self.dtype).contiguous() if v.is_floating_point() and k.startswith(BACKBONE_PREFIXES)
                  else v.contiguous() for k, v in pl_module.base_state_dict(use_ema=True).items()}
         path = self.dirpath / f"base-step{step:06d}.safetensors"
-        save_file(state, f"{path}.tmp", metadata={"global_step": str(step)})
-        os.replace(f"{path}.tmp", path)
+        atomic_write(path, lambda temporary: save_file(state, str(temporary), metadata={"global_step": str(step)}))
         atomic_copy(path, self.dirpath / "base-last.safetensors")
         self.last_saved = step
 

@@ -7,10 +7,8 @@ original decoder weights `rd64-uni-refined.pth` plus CLIP ViT-B/16 weights, conv
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from PIL import Image
 from clipseg.convert import hf_clip_model_to_clipseg, infer_clipseg_config, original_to_hf
 from clipseg.paths import ClipSegWeightsNotFound, check_weights_exist, default_clip_candidates, missing_weights_message
 from clipseg.torchscript import is_torchscript_archive, read_torchscript_state_dict
+from ldm.modules.encoders.modules import build_offline_clip_tokenizer
 from ldm.util import CheckpointError, load_state_dict
 
 CLIPSEG_IMAGE_SIZE = 352
@@ -31,51 +30,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-
-
-def _clip_bpe_path() -> Path:
-    """open_clip's copy of OpenAI's BPE merges, located without importing open_clip (slow to import)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz" if spec and spec.origin else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError("The CLIP BPE vocabulary comes from open_clip_torch (pip install open_clip_torch), "
-                                "or use a ClipSeg/CLIP folder that has its own vocab.json and merges.txt.")
-    return path
-
-
-def _byte_symbols() -> list[str]:
-    """CLIP/GPT-2 byte-level alphabet: printable Latin-1 bytes stand for themselves, the rest map above 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    symbols, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            symbols[byte] = chr(byte)
-        else:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    return [symbols[b] for b in printable] + [symbols[b] for b in range(256) if b not in printable]
-
-
-def build_offline_clip_tokenizer():
-    """CLIP's BPE tokenizer built from the vocabulary open_clip ships (no network, ids equal to OpenAI's)."""
-    from transformers import CLIPTokenizer
-
-    # Same construction as OpenAI's SimpleTokenizer: 256 byte symbols, their end-of-word forms, the first
-    # 48,894 merges, then the two special tokens -> 49,408 ids.
-    lines = gzip.open(_clip_bpe_path()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    byte_symbols = _byte_symbols()
-    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as folder:
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
-            json.dump({token: index for index, token in enumerate(vocab)}, handle)
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
-            handle.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer.from_pretrained(folder)
 
 
 def load_tokenizer(folder: str | os.PathLike | None = None):

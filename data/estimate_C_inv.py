@@ -7,10 +7,9 @@
 
 (the paths the training configs read: configs/perfusion_teddy.yaml and configs/perfusion_teddy_sd_v2.yaml)
 
-C = (1/N) sum e e^T over REAL token positions only: the start token through the first EOS, inclusive.
-The padding after EOS is not text: in a 77-token sequence it is most of the positions, and its encodings
-(EOS / zero-token embeddings passed through causal attention) are nearly identical to each other, so
-including them would make C describe padding rather than language. The sums are accumulated in float64.
+C = (1/N) sum e e^T over REAL token positions only: the start token through the first EOS, inclusive
+(padding excluded; why, and the maths, in perfusion/covariance.py). This file is the command line: arguments,
+files, progress and messages.
 """
 from __future__ import annotations
 
@@ -25,9 +24,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm.util import BadValueError, ConfigError, MissingFileError, UserError, one_line_warnings  # noqa: E402
-from perfusion.covariance import save_c_inv  # noqa: E402
-
-RCOND = 1e-12  # smallest eigenvalue of C accepted, relative to the largest
+from perfusion.covariance import accumulate_second_moment, invert_covariance, save_c_inv  # noqa: E402
 
 ENCODER_TARGETS = {
     "clip": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {}},
@@ -47,51 +44,6 @@ def read_captions(path: str | Path, n_captions: int | None = None) -> list[str]:
     if not captions:
         raise BadValueError(f"--caption file {path} holds no captions")
     return captions[:n_captions] if n_captions else captions
-
-
-def real_token_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Bool (B, L): True from the start token through the first EOS of each row, inclusive.
-
-    Counting EOS occurrences *before* each position handles SD 1.x, whose padding is EOS itself.
-    """
-    is_eos = (tokens == eos_token_id).long()
-    eos_before = is_eos.cumsum(dim=1) - is_eos
-    return eos_before == 0
-
-
-@torch.no_grad()
-def accumulate_second_moment(encoder, captions: list[str], batch_size: int = 64, device: str = "cpu"):
-    """Return (S, N): S = sum of e e^T (float64, D x D) over the N real-token encodings of ``captions``."""
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    second_moment = torch.zeros(encoder.width, encoder.width, dtype=torch.float64, device=device)
-    n_tokens = 0
-    batches = range(0, len(captions), batch_size)
-    for start in tqdm(batches, desc="token covariance", unit="batch"):
-        tokens = encoder.tokenize(captions[start : start + batch_size]).to(device)
-        encodings = encoder.encode_tokens(tokens)
-        real = encodings[real_token_mask(tokens, encoder.eos_token_id)].double()  # (n, D)
-        second_moment += real.T @ real
-        n_tokens += real.shape[0]
-    return second_moment, n_tokens
-
-
-def invert_covariance(second_moment: torch.Tensor, n_tokens: int, eps: float = 0.0):
-    """Return (C^-1, condition number of C) for C = S / N + eps I; refuse a C that is not positive definite."""
-    dim = second_moment.shape[0]
-    cov = second_moment / n_tokens + eps * torch.eye(dim, dtype=second_moment.dtype, device=second_moment.device)
-    cov = 0.5 * (cov + cov.T)
-    eigenvalues = torch.linalg.eigvalsh(cov)
-    chol, info = torch.linalg.cholesky_ex(cov)
-    # Below RCOND the inverse is dominated by rounding (float64 has ~16 digits): treat C as singular.
-    if info.item() != 0 or eigenvalues[0] <= RCOND * eigenvalues[-1]:
-        raise BadValueError(
-            f"C is singular / not positive definite (N = {n_tokens} token vectors for dimension {dim}, "
-            f"eigenvalues {eigenvalues[0].item():.3g} .. {eigenvalues[-1].item():.3g}). Use more captions (N should be far above {dim}) "
-            "or add a ridge with --eps (e.g. --eps 1e-6)."
-        )
-    c_inv = torch.cholesky_inverse(chol)
-    return 0.5 * (c_inv + c_inv.T), (eigenvalues[-1] / eigenvalues[0]).item()
 
 
 def _encoder_config(args) -> dict:
@@ -176,7 +128,9 @@ def main(argv=None) -> int:
     check_arguments(args)
     captions = read_captions(args.caption, args.n_captions)
     encoder, config = build_encoder(args)
-    second_moment, n_tokens = accumulate_second_moment(encoder, captions, args.batch_size, args.device)
+    second_moment, n_tokens = accumulate_second_moment(
+        encoder, captions, args.batch_size, args.device,
+        progress=lambda batches: tqdm(batches, desc="token covariance", unit="batch"))
     c_inv, condition = invert_covariance(second_moment, n_tokens, args.eps)
     encoder_name = f"{config['target'].rsplit('.', 1)[-1]}({', '.join(f'{k}={v}' for k, v in (config.get('params') or {}).items())})"
     meta = {

@@ -13,7 +13,6 @@ image_dir/mask/_masks_preview.png, where the dataset, which looks masks up by im
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,13 +21,13 @@ if str(REPO_ROOT) not in sys.path:  # runnable as a standalone script from anywh
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
-from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from clipseg.paths import DEFAULT_DECODER_WEIGHTS, ClipSegWeightsNotFound, check_weights_exist  # noqa: E402
-from ldm.util import UserError, one_line_warnings  # noqa: E402
+from ldm.util import UserError, atomic_write, one_line_warnings  # noqa: E402
+from perfusion.dataset import IMAGE_EXTENSIONS, image_files, load_image  # noqa: E402
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}  # as perfusion/dataset.py
 MASK_DIR_NAME = "mask"
 PREVIEW_NAME = "_masks_preview.png"
 PREVIEW_ROW_HEIGHT = 128
@@ -47,50 +46,9 @@ class SoftSegmentError(UserError):
     """A user-facing problem with the inputs; main() prints it and exits with status 2."""
 
 
-def list_images(image_dir: Path) -> list[Path]:
-    """Image files directly in image_dir (sub-folders such as mask/ and hidden files are skipped), sorted."""
-    return sorted(
-        path for path in image_dir.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def load_display_rgb(path: Path) -> Image.Image:
-    """The image as displayed (EXIF rotation applied), 8-bit RGB; transparency composited onto white."""
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise SoftSegmentError(f"cannot read image {path}: {error}") from error
-    return to_rgb(image)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16/32-bit gray: rescale, don't clip
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            scale = 65535.0
-        elif image.mode == "F" and values.max(initial=0.0) <= 1.0:
-            scale = 1.0
-        else:
-            scale = 65535.0 if values.max(initial=0.0) > 255 else 255.0
-        gray = np.clip(np.round(values / scale * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("LA", "La", "PA", "RGBa", "RGBA"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, RGB, CMYK, YCbCr, LAB, HSV
-
-
 def save_mask(mask: np.ndarray, path: Path) -> None:
-    """8-bit grayscale PNG data, written to a temporary name first so an interrupted run leaves no half file."""
-    temporary = path.with_name(f".{path.name}.partial")
-    Image.fromarray(mask, mode="L").save(temporary, format="PNG")
-    os.replace(temporary, path)
+    """8-bit grayscale PNG data, written atomically so an interrupted run leaves no half file."""
+    atomic_write(path, lambda temporary: Image.fromarray(mask, mode="L").save(temporary, format="PNG"))
 
 
 def to_uint8(mask) -> np.ndarray:
@@ -108,7 +66,7 @@ def write_preview(pairs: list[tuple[Path, Path]], destination: Path) -> int:
     """One PNG: a row per image with the image, its mask and a red overlay. Returns the number of rows."""
     rows = []
     for image_path, mask_path in pairs[:PREVIEW_MAX_ROWS]:
-        image = load_display_rgb(image_path)
+        image = load_image(image_path)
         with Image.open(mask_path) as opened:
             mask = opened.convert("L")
         width = max(1, round(image.width * PREVIEW_ROW_HEIGHT / image.height))
@@ -124,9 +82,7 @@ def write_preview(pairs: list[tuple[Path, Path]], destination: Path) -> int:
     sheet = Image.new("RGB", (max(r.width for r in rows), PREVIEW_ROW_HEIGHT * len(rows)), (255, 255, 255))
     for index, row in enumerate(rows):
         sheet.paste(row, (0, index * PREVIEW_ROW_HEIGHT))
-    temporary = destination.with_name(f".{destination.name}.partial")
-    sheet.save(temporary, format="PNG")
-    os.replace(temporary, destination)
+    atomic_write(destination, lambda temporary: sheet.save(temporary, format="PNG"))
     return len(rows)
 
 
@@ -158,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     image_dir = Path(args.image_dir).expanduser()
     if not image_dir.is_dir():
         raise SoftSegmentError(f"--image_dir {image_dir} does not exist or is not a folder.")
-    images = list_images(image_dir)
+    images = image_files(image_dir)
     if not images:
         raise SoftSegmentError(
             f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}, any case) directly in --image_dir {image_dir}.")
@@ -190,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
         with tqdm(total=len(todo), desc="ClipSeg masks", unit="img") as progress:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start:start + args.batch_size]
-                masks = masker.masks([load_display_rgb(path) for path in batch], prompts)
+                masks = masker.masks([load_image(path) for path in batch], prompts)
                 for path, mask in zip(batch, masks):
                     save_mask(to_uint8(mask.numpy()), mask_dir / path.name)
                 progress.update(len(batch))

@@ -1,4 +1,4 @@
-"""Small utilities shared by the backbone: config instantiation and safe checkpoint loading."""
+"""Small utilities shared by the backbone: config instantiation, safe checkpoint loading, atomic file writes."""
 from __future__ import annotations
 
 import difflib
@@ -6,9 +6,12 @@ import importlib
 import inspect
 import os
 import pickle
+import shutil
+import uuid
 import warnings
 import zipfile
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -282,6 +285,33 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Create ``path`` all at once: ``write(temporary)`` makes a file (or a folder) at a hidden temporary sibling
+    path, which is then renamed onto ``path`` with ``os.replace``.
+
+    Readers see the old content or the new one, never a half-written file, and an interrupted run leaves no
+    ``path``. A file is flushed to disk (fsync) before the rename. When ``write`` or the rename fails the temporary
+    is removed and the error propagates (renaming a folder onto a non-empty folder is an OSError). The parent
+    folder is created. Returns ``path`` as a Path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temporary)
+        if temporary.is_file():
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -1,6 +1,6 @@
 """Concept files: one trained Perfusion concept as a small, self-contained ``.safetensors`` file.
 
-Contents (method file, "Size" and "Inference needs no C^-1 file"):
+Contents (docs/method.md, section 7 "The concept file"):
     value_outputs               o*_V of every edited value projection, one (out_features,) vector per
                                 layer, concatenated in layer order; the header entry "value_layers"
                                 lists [layer name, out_features] pairs.  (One tensor instead of one per
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping
@@ -26,7 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from ldm.util import BadValueError, MissingFileError, diagnose_safetensors
+from ldm.util import BadValueError, MissingFileError, atomic_write, diagnose_safetensors
+from perfusion.covariance import check_positive_definite
 
 __all__ = [
     "FORMAT_NAME",
@@ -78,7 +78,7 @@ def save_concept(path, *, value_outputs: Mapping[str, torch.Tensor], embedding: 
                  target_input: torch.Tensor, c_inv_target_input: torch.Tensor,
                  superclass_input: torch.Tensor, metadata: Mapping[str, object],
                  dtype: torch.dtype = torch.float32) -> str:
-    """Write a concept file atomically (temp file in the same folder, then os.replace).
+    """Write a concept file atomically (ldm.util.atomic_write: temp file in the same folder, then os.replace).
 
     value_outputs: {layer name: (out_features,)}, in layer order.  metadata: JSON-serialisable values,
     must contain REQUIRED_METADATA (suggested: beta, tau, training_steps).  Returns the path.
@@ -118,19 +118,7 @@ def save_concept(path, *, value_outputs: Mapping[str, torch.Tensor], embedding: 
         raise BadValueError(f"save_concept: metadata values must be JSON-serialisable: {error}") from None
     payload = safetensors_save(dict(tensors), metadata=header)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    atomic_write(path, lambda temporary: temporary.write_bytes(payload))
     return path
 
 
@@ -234,12 +222,13 @@ def check_target_inputs_independent(concepts: List[Concept], names: List[str] = 
     targets = torch.stack([c.target_input.double() for c in concepts])
     c_inv_targets = torch.stack([c.c_inv_target_input.double() for c in concepts])
     gram = c_inv_targets @ targets.T
-    eigenvalues = torch.linalg.eigvalsh(0.5 * (gram + gram.T))
-    if eigenvalues[0] <= 0 or eigenvalues[-1] / eigenvalues[0] > max_condition:
+    try:
+        check_positive_definite(gram, "G = A^T I", rcond=1.0 / max_condition)
+    except BadValueError as error:
         normalized = targets / targets.norm(dim=1, keepdim=True)
         cosine = normalized @ normalized.T
         cosine.fill_diagonal_(-1)
         j, k = divmod(int(cosine.argmax()), len(concepts))
         raise BadValueError(f"{names[j]} and {names[k]} have nearly the same target input i* (cosine "
                          f"{float(cosine[j, k]):.6f}): the concepts cannot be told apart. Is the same concept "
-                         "file given twice?")
+                         f"file given twice? ({error})") from None

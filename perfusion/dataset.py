@@ -3,7 +3,7 @@
 A concept folder holds a few images of the concept and, in ``mask/``, one soft mask per image under the same
 file name (written by ``python data/soft_segment.py --image_dir <dir> --super_class <word>``). Each item is a
 square crop of one image with the same crop/flip applied to its mask, plus a caption with the placeholder token
-and the same caption with the super-class word (used to lock the keys, see perfusion-method.md).
+and the same caption with the super-class word (used to lock the keys, see docs/method.md, section 3).
 
 Masks are expected in the image's *displayed* orientation (after EXIF transpose), which is how soft_segment.py
 writes them. Two tolerated deviations, each reported once by a warning at construction:
@@ -81,6 +81,13 @@ _SWAPPING_ORIENTATIONS = {
 _MAKE_MASKS_HINT = "python data/soft_segment.py --image_dir {root} --super_class <word>"
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder`` (extension case-insensitive), sorted; subfolders and hidden files are
+    skipped."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def list_images(data_root: str | Path) -> list[Path]:
     """Image files directly in ``data_root`` (extension case-insensitive), sorted; subfolders and hidden
     files are skipped. Raises FileNotFoundError/ValueError with the fix when there are none."""
@@ -93,9 +100,9 @@ def list_images(data_root: str | Path) -> list[Path]:
         raise MissingFileError(f"data_root {str(root)!r} does not exist. {expected}")
     if not root.is_dir():
         raise MissingFileError(f"data_root {str(root)!r} is a file, not a folder. {expected}")
-    files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
-    images = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = image_files(root)
     if not images:
+        files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
         others = f" (it holds {len(files)} other file(s), e.g. {files[0].name!r})" if files else ""
         raise BadValueError(f"data_root {str(root)!r} holds no images{others}. {expected}")
     return images

@@ -53,8 +53,7 @@ def write_toy_concept_images(folder: str | Path, n: int = 4, size: int = 64, see
 
 def write_toy_c_inv(encoder, path: str | Path, n_captions: int = 300, seed: int = 0) -> Path:
     """C^-1 of ``encoder`` over toy captions (real tokens only), saved like data/estimate_C_inv.py does."""
-    from data.estimate_C_inv import accumulate_second_moment, invert_covariance
-    from perfusion.covariance import save_c_inv
+    from perfusion.covariance import accumulate_second_moment, invert_covariance, save_c_inv
 
     second_moment, n_tokens = accumulate_second_moment(encoder, toy_captions(n_captions, seed), batch_size=100)
     c_inv, condition = invert_covariance(second_moment, n_tokens, eps=1e-6)

@@ -48,6 +48,9 @@ def tiny_model():
 def test_offline_tokenizer_matches_openai_clip_ids():
     import open_clip
 
+    from ldm.modules.encoders import modules
+
+    assert build_offline_clip_tokenizer is modules.build_offline_clip_tokenizer  # one builder, shared with SD 1.x
     tokenizer = build_offline_clip_tokenizer()
     reference = open_clip.get_tokenizer("ViT-B-16")  # OpenAI's SimpleTokenizer ids
     for prompt in ["a photo of a teddy-bear.", "A cropped photo of Hepburn's CAT!", "café 123"]:

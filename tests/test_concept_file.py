@@ -15,6 +15,7 @@ from perfusion.concept_file import (
     REQUIRED_METADATA,
     Concept,
     check_concepts_compatible,
+    check_target_inputs_independent,
     concept_size_bytes,
     load_concept,
     save_concept,
@@ -190,3 +191,15 @@ def test_concepts_from_different_c_inv_cannot_be_combined(tmp_path):
     check_concepts_compatible([a, b])
     with pytest.raises(ValueError, match="c_inv_hash"):
         check_concepts_compatible([a, c], ["teddy", "other"])
+
+
+def test_same_concept_twice_is_refused(tmp_path):
+    write_sd15(tmp_path / "a.safetensors", seed=6)
+    write_sd15(tmp_path / "b.safetensors", seed=7)
+    a, b = (load_concept(tmp_path / f"{n}.safetensors") for n in "ab")
+    # a_k = i*_k: G = A^T I is the (positive definite) Gram matrix of two random vectors
+    a.c_inv_target_input, b.c_inv_target_input = a.target_input, b.target_input
+    check_target_inputs_independent([a, b])
+    with pytest.raises(ValueError, match=r"^teddy and again have nearly the same target input i\* \(cosine 1\.0+\).*"
+                                         r"given twice\? \(G = A\^T I is singular / not positive definite"):
+        check_target_inputs_independent([a, a], ["teddy", "again"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from perfusion.dataset import DEFAULT_TEMPLATES, PersonalizedBase
+from perfusion.dataset import DEFAULT_TEMPLATES, PersonalizedBase, image_files, load_image
 
 SIZE = 24
 EDGE = SIZE // 3  # columns far enough from a half/half boundary to be unmixed
@@ -126,6 +126,38 @@ def test_odd_image_modes_decode_to_rgb(concept):
     assert torch.equal(gray[..., 0], gray[..., 1]) and torch.equal(gray[..., 0], gray[..., 2])
     cmyk = _item(dataset, "cmyk.jpg")["jpg"]  # C=0 M=Y=255 is red
     assert (cmyk[..., 0] > 0.8).all() and (cmyk[..., 1:] < -0.8).all()
+
+
+@pytest.mark.parametrize("mode, name", [("I;16", "deep.png"), ("I", "deep.tif")])
+def test_sixteen_bit_gray_is_scaled_by_257(tmp_path, mode, name):
+    """The one image loader (also data/soft_segment.py's): 16-bit values 0..65535 / 257 -> 0..255. A 16-bit PNG
+    written by PIL opens as "I;16"; the same values in a 32-bit "I" image (TIFF) are scaled alike, also when they
+    happen to stay <= 255."""
+    values = np.array([[0, 1, 128, 255], [257, 32768, 0x8080, 65535]], dtype=np.uint16)
+    path = tmp_path / name
+    image = Image.fromarray(values)
+    (image if mode == "I;16" else image.convert("I")).save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode
+    rgb = load_image(path)
+    assert rgb.mode == "RGB" and rgb.size == (4, 2)
+    expected = np.round(values / 257.0).astype(np.uint8)
+    assert expected.tolist() == [[0, 0, 0, 1], [1, 128, 128, 255]]
+    assert np.array_equal(np.asarray(rgb), np.repeat(expected[..., None], 3, axis=-1))
+    dark = values[:1]  # 0..255 only: still 16-bit values, not 8-bit ones
+    (Image.fromarray(dark) if mode == "I;16" else Image.fromarray(dark).convert("I")).save(path)
+    assert np.asarray(load_image(path))[..., 0].tolist() == [[0, 0, 0, 1]]
+
+
+def test_unreadable_image_error_names_the_file(tmp_path):
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    (tmp_path / "a.JPG").write_bytes(b"")
+    (tmp_path / ".hidden.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "sub.png").mkdir()
+    assert [p.name for p in image_files(tmp_path)] == ["a.JPG", "b.png"]
+    with pytest.raises(ValueError, match=r"cannot read image '.*b\.png': .*Re-save it as PNG or JPEG"):
+        load_image(tmp_path / "b.png")
 
 
 def test_soft_mask_is_normalised_by_max_not_binarised(concept):

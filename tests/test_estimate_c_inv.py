@@ -1,4 +1,4 @@
-"""C^-1 estimation (data/estimate_C_inv.py) and C^-1 file I/O (perfusion/covariance.py)."""
+"""C^-1 estimation (perfusion/covariance.py and its command line data/estimate_C_inv.py) and C^-1 file I/O."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from ldm.util import save_state_dict
-from perfusion.covariance import c_inv_hash, load_c_inv, save_c_inv
+from perfusion.covariance import (
+    accumulate_second_moment,
+    c_inv_hash,
+    check_positive_definite,
+    invert_covariance,
+    load_c_inv,
+    real_token_mask,
+    save_c_inv,
+)
 from tests._tiny_text_encoders import TINY_CLIP_TEXT_CONFIG, TINY_OPENCLIP_MODEL_CFG, tiny_clip, tiny_openclip
 
 torch.set_num_threads(2)
@@ -65,15 +73,15 @@ def _numpy_c_inv(encoder, captions, batch_size):
 
 def test_real_token_mask_stops_at_first_eos():
     tokens = torch.tensor([[49406, 320, 1929, 49407, 49407, 49407], [49406, 320, 49407, 0, 0, 0]])
-    mask = estimate.real_token_mask(tokens, 49407)
+    mask = real_token_mask(tokens, 49407)
     assert mask.tolist() == [[True, True, True, True, False, False], [True, True, True, False, False, False]]
 
 
 @pytest.mark.parametrize("make", [tiny_clip, tiny_openclip], ids=["clip", "openclip"])
 def test_estimate_equals_numpy_on_real_tokens(make, tmp_path):
     encoder = make(seed=0)
-    second_moment, n_tokens = estimate.accumulate_second_moment(encoder, CAPTIONS, batch_size=8)
-    c_inv, condition = estimate.invert_covariance(second_moment, n_tokens)
+    second_moment, n_tokens = accumulate_second_moment(encoder, CAPTIONS, batch_size=8)
+    c_inv, condition = invert_covariance(second_moment, n_tokens)
     reference, n_reference = _numpy_c_inv(encoder, CAPTIONS, batch_size=8)
     assert n_tokens == n_reference
     assert 20 * 5 < n_tokens < 20 * 20  # real tokens only: far fewer than 20 x 77 padded positions
@@ -96,18 +104,19 @@ def test_padding_would_change_the_estimate():
     with torch.no_grad():
         all_positions = encoder.encode(CAPTIONS).reshape(-1, encoder.width).double()
     padded_cov = all_positions.T @ all_positions / all_positions.shape[0]
-    second_moment, n_tokens = estimate.accumulate_second_moment(encoder, CAPTIONS, batch_size=8)
+    second_moment, n_tokens = accumulate_second_moment(encoder, CAPTIONS, batch_size=8)
     real_cov = second_moment / n_tokens
     assert (padded_cov - real_cov).norm() > 0.1 * real_cov.norm()
 
 
 def test_singular_covariance_is_refused_and_eps_fixes_it():
     encoder = tiny_clip(seed=0)
-    second_moment, n_tokens = estimate.accumulate_second_moment(encoder, CAPTIONS[:1], batch_size=4)
+    second_moment, n_tokens = accumulate_second_moment(encoder, CAPTIONS[:1], batch_size=4)
     assert n_tokens < encoder.width  # rank-deficient
-    with pytest.raises(ValueError, match="--eps"):
-        estimate.invert_covariance(second_moment, n_tokens)
-    c_inv, _ = estimate.invert_covariance(second_moment, n_tokens, eps=1e-3)
+    with pytest.raises(ValueError, match=r"C \(N = \d+ token vectors for dimension 32\) is singular / not positive "
+                                         r"definite \(eigenvalues .*\)\. Use more captions.*--eps"):
+        invert_covariance(second_moment, n_tokens)
+    c_inv, _ = invert_covariance(second_moment, n_tokens, eps=1e-3)
     cov = second_moment / n_tokens + 1e-3 * torch.eye(encoder.width, dtype=torch.float64)
     torch.testing.assert_close(c_inv @ cov, torch.eye(encoder.width, dtype=torch.float64), atol=1e-8, rtol=0)
 
@@ -206,6 +215,35 @@ def test_load_c_inv_rejects_bad_files(tmp_path):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="objects.npy"):
         load_c_inv(tmp_path / "objects.npy")
+
+
+def test_check_positive_definite():
+    matrix = _spd(5)
+    eigenvalues = check_positive_definite(matrix, "M")
+    assert eigenvalues.dtype == torch.float64
+    np.testing.assert_allclose(eigenvalues.numpy(), np.linalg.eigvalsh(matrix), rtol=1e-12)
+    assert torch.equal(check_positive_definite(torch.from_numpy(matrix).float(), "M"),
+                       check_positive_definite(torch.from_numpy(matrix).float().double(), "M"))
+    with pytest.raises(ValueError, match=r"^M is not positive definite \(eigenvalues -\S+ \.\. \S+\)\. make it so$"):
+        check_positive_definite(-matrix, "M", hint="make it so")
+    with pytest.raises(ValueError, match="M contains NaN or infinite values"):
+        check_positive_definite(np.full((3, 3), np.inf), "M")
+    nearly_singular = np.diag([1.0, 1e-13])
+    check_positive_definite(nearly_singular, "M")  # positive definite ...
+    with pytest.raises(ValueError, match="M is singular / not positive definite"):
+        check_positive_definite(nearly_singular, "M", rcond=1e-12)  # ... but below the accepted condition
+    with pytest.raises(ValueError, match=r"refusing to save .*bad\.npy: C\^-1 is not positive definite"):
+        save_c_inv(Path("bad.npy"), -matrix, {})
+
+
+def test_accumulate_second_moment_progress_sees_every_batch():
+    encoder = tiny_clip(seed=0)
+    seen = []
+    plain = accumulate_second_moment(encoder, CAPTIONS, batch_size=8)
+    shown = accumulate_second_moment(encoder, CAPTIONS, batch_size=8, progress=lambda b: seen.extend(b) or b)
+    assert seen == [0, 8, 16] and torch.equal(plain[0], shown[0]) and plain[1] == shown[1]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        accumulate_second_moment(encoder, CAPTIONS, batch_size=0)
 
 
 def test_hash_is_stable_and_sensitive():

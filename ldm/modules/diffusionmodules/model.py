@@ -90,6 +90,28 @@ def _check_attn_type(attn_type: str):
         raise ValueError(f"attn_type '{attn_type}' is not supported (use 'vanilla')")
 
 
+def _resolution_level(block_in: int, block_out: int, n_blocks: int, with_attn: bool, dropout: float) -> nn.Module:
+    """One resolution level: ``n_blocks`` ResnetBlocks, each followed by an AttnBlock when ``with_attn``
+    (``block`` and ``attn`` are checkpoint key names; modules are created in the original order)."""
+    block, attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(n_blocks):
+        block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+        block_in = block_out
+        if with_attn:
+            attn.append(AttnBlock(block_in))
+    level = nn.Module()
+    level.block, level.attn = block, attn
+    return level
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult=(1, 2, 4, 8), num_res_blocks: int, attn_resolutions,
                  dropout: float = 0.0, resamp_with_conv: bool = True, in_channels: int, resolution: int,
@@ -103,15 +125,9 @@ class Encoder(nn.Module):
         res = resolution
         self.down = nn.ModuleList()
         for level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[level], ch * ch_mult[level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
-                block_in = block_out
-                if res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
-            down = nn.Module()
-            down.block, down.attn = block, attn
+            down = _resolution_level(block_in, block_out, num_res_blocks, res in attn_resolutions, dropout)
+            block_in = block_out
             if level != self.num_resolutions - 1:
                 down.downsample = Downsample(block_in, resamp_with_conv)
                 res //= 2
@@ -126,10 +142,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level, down in enumerate(self.down):
-            for i, block in enumerate(down.block):
-                h = block(h)
-                if len(down.attn) > 0:
-                    h = down.attn[i](h)
+            h = _run_level(down, h)
             if level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -154,15 +167,9 @@ class Decoder(nn.Module):
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
         ups = []
         for level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
-                block_in = block_out
-                if res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
-            up = nn.Module()
-            up.block, up.attn = block, attn
+            up = _resolution_level(block_in, block_out, num_res_blocks + 1, res in attn_resolutions, dropout)
+            block_in = block_out
             if level != 0:
                 up.upsample = Upsample(block_in, resamp_with_conv)
                 res *= 2
@@ -175,13 +182,9 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(range(self.num_resolutions)):
-            up = self.up[level]
-            for i, block in enumerate(up.block):
-                h = block(h)
-                if len(up.attn) > 0:
-                    h = up.attn[i](h)
+            h = _run_level(self.up[level], h)
             if level != 0:
-                h = up.upsample(h)
+                h = self.up[level].upsample(h)
         if self.give_pre_end:
             return h
         h = self.conv_out(F.silu(self.norm_out(h)))

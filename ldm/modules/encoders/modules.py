@@ -18,12 +18,13 @@ import gzip
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+
+from ldm.util import atomic_write
 
 EmbeddingHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -94,33 +95,49 @@ def perfusion_cache_dir() -> Path:
 
 def _write_clip_tokenizer_files(folder: Path) -> None:
     """Write vocab.json/merges.txt of CLIP's BPE (the copy shipped with open_clip) so no download is needed."""
-    import open_clip.tokenizer as oc_tok
+    try:
+        import open_clip.tokenizer as oc_tok
+    except ImportError as err:
+        raise ImportError("The CLIP BPE vocabulary comes from open_clip_torch (pip install open_clip_torch), or use "
+                          "a CLIP/ClipSeg folder that has its own vocab.json and merges.txt.") from err
 
+    # Same construction as OpenAI's SimpleTokenizer: 256 byte symbols, their end-of-word forms, the first
+    # 48,894 merges, then the two special tokens -> 49,408 ids.
     with gzip.open(oc_tok.default_bpe()) as fh:
         merges = fh.read().decode("utf-8").split("\n")[1 : _CLIP_BPE_MERGES + 1]
     byte_chars = list(oc_tok.bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     assert len(vocab) == 49408, len(vocab)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename: concurrent processes never see half-written files.
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
-    (tmp / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (tmp / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+
+    # The folder appears whole: concurrent processes never see half-written files.
     try:
-        tmp.rename(folder)
-    except OSError:  # another process won the race; its files are identical
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        atomic_write(folder, write)
+    except OSError:
+        if not (folder / "vocab.json").is_file():
+            raise
+        # another process won the race; its files are identical
 
 
 def clip_tokenizer_dir() -> Path:
+    """A folder with CLIP's tokenizer files (``perfusion_cache_dir()/clip_tokenizer``), written on first use."""
     folder = perfusion_cache_dir() / "clip_tokenizer"
     if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
         _write_clip_tokenizer_files(folder)
     return folder
+
+
+def build_offline_clip_tokenizer():
+    """OpenAI CLIP's BPE tokenizer (transformers ``CLIPTokenizer``, ids equal to OpenAI's), built offline."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()))
 
 
 def clean_caption(text: str) -> str:
@@ -259,7 +276,7 @@ class FrozenCLIPEmbedder(_FrozenTextEncoder):
         has_tokenizer = is_local and (
             (local / "tokenizer.json").is_file() or ((local / "vocab.json").is_file() and (local / "merges.txt").is_file())
         )
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(local if has_tokenizer else clip_tokenizer_dir()))
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(local)) if has_tokenizer else build_offline_clip_tokenizer()
 
         self.max_length = max_length
         self.width = config.hidden_size
