@@ -331,12 +331,14 @@ class RankOneEditLinear(nn.Module):
         self.set_target_outputs(outputs)
 
     def edited_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """W_edit = W - W I^T G^-1 A (so W_edit e = W e_perp), in ``dtype``, made once per EditState change."""
+        """W_edit = W - W I^T G^-1 A (so W_edit e = W e_perp), in ``dtype``, made once per EditState change (in
+        float32, or float64 for float64 weights or targets: the precision the projection of e had)."""
         key = (self.state.version, dtype, self.weight.device, _version_or_none(self.weight))
         if self._edited_weight is None or self._edited_weight[0] != key:
             with torch.no_grad(), torch.autocast(device_type=self.weight.device.type, enabled=False):
-                targets, c_inv_targets, _, _ = self.state.gating_tensors(self.weight.device, torch.float64)
-                weight = self.weight.detach().double()
+                compute_dtype = _compute_dtype(self.weight, self.state.target_inputs)
+                targets, c_inv_targets, _, _ = self.state.gating_tensors(self.weight.device, compute_dtype)
+                weight = self.weight.detach().to(compute_dtype)
                 edited = weight - project_onto_targets(weight, c_inv_targets, targets)
             self._edited_weight = (key, edited.to(dtype))
         return self._edited_weight[1]

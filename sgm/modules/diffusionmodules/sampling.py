@@ -100,19 +100,10 @@ class SingleStepDiffusionSampler(BaseDiffusionSampler):
 class EDMSampler(SingleStepDiffusionSampler):
     """Karras et al. Algorithm 2; s_churn > 0 adds noise ("churn") on sigmas within [s_tmin, s_tmax]."""
 
-    def __init__(
-        self,
-        discretization_config: Mapping,
-        num_steps: Optional[int] = None,
-        guider_config: Optional[Mapping] = None,
-        verbose: bool = False,
-        device="cpu",
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-    ):
-        super().__init__(discretization_config, num_steps, guider_config, verbose, device)
+    def __init__(self, discretization_config: Mapping, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float("inf"), s_noise: float = 1.0, **common):
+        """``common``: num_steps, guider_config, verbose, device (BaseDiffusionSampler)."""
+        super().__init__(discretization_config, **common)
         self.s_churn = s_churn
         self.s_tmin = s_tmin
         self.s_tmax = s_tmax
@@ -161,17 +152,9 @@ class HeunEDMSampler(EDMSampler):
 class AncestralSampler(SingleStepDiffusionSampler):
     """Deterministic step to sigma_down, then fresh noise of size sigma_up (eta = 0: plain Euler)."""
 
-    def __init__(
-        self,
-        discretization_config: Mapping,
-        num_steps: Optional[int] = None,
-        guider_config: Optional[Mapping] = None,
-        verbose: bool = False,
-        device="cpu",
-        eta: float = 1.0,
-        s_noise: float = 1.0,
-    ):
-        super().__init__(discretization_config, num_steps, guider_config, verbose, device)
+    def __init__(self, discretization_config: Mapping, eta: float = 1.0, s_noise: float = 1.0, **common):
+        """``common``: num_steps, guider_config, verbose, device (BaseDiffusionSampler)."""
+        super().__init__(discretization_config, **common)
         self.eta = eta
         self.s_noise = s_noise
 
@@ -207,9 +190,8 @@ class DDIMSampler(EulerAncestralSampler):
     eta > 0 an ancestral Euler step whose noise sigma_up is DDIM's sigma_t / sqrt(alpha_bar_prev) (the same
     formula as get_ancestral_step). With LeadingDDPMDiscretization it is the original sampler step for step."""
 
-    def __init__(self, discretization_config: Mapping, num_steps: Optional[int] = None,
-                 guider_config: Optional[Mapping] = None, verbose: bool = False, device="cpu", eta: float = 0.0):
-        super().__init__(discretization_config, num_steps, guider_config, verbose, device, eta=eta)
+    def __init__(self, discretization_config: Mapping, eta: float = 0.0, **common):
+        super().__init__(discretization_config, eta=eta, **common)
 
 
 class PLMSSampler(BaseDiffusionSampler):
