@@ -50,25 +50,29 @@ def test_every_section_prints_a_table_and_a_json_line_with_the_written_ratios(ti
     assert sum(line.startswith("|---|") for line in lines) == 3  # one markdown table per section
 
 
-def test_train_ratios_compare_perfusion_with_full_fine_tuning(tiny_run):
+def test_train_ratios_compare_perfusion_with_full_fine_tuning_and_the_frozen_unet_floor(tiny_run):
     _, results = tiny_run
     train = results["sections"]["train"]
     assert set(train["ratios"]) == {"checkpointing_off", "checkpointing_on"}
     for values in train["ratios"].values():
-        for name in ("time", "cpu_time", "time_alone", "peak_memory", "step_memory"):
+        for name in ("time", "cpu_time", "time_alone", "peak_memory", "step_memory", "perfusion_over_floor"):
             assert _positive(values[name]), (name, values)
     rows = {(row["mode"], row["checkpointing"]): row for row in train["rows"]}
-    assert len(rows) == 4 and not any("error" in row for row in rows.values())
+    assert len(rows) == 6 and not any("error" in row for row in rows.values())
     assert "error" not in train["timing_run"] and all(row["timing"] == "interleaved" for row in rows.values())
     for checkpointing in (False, True):
-        full, perf = rows[("full", checkpointing)], rows[("perfusion", checkpointing)]
+        full, perf, floor = (rows[(mode, checkpointing)] for mode in ("full", "perfusion", "floor"))
         # tiny UNet: all 1.47M weights vs o*_V of its 3 cross-attentions (32 + 64 + 64... output widths)
         assert full["trainable_params"] > 1_000_000 and 0 < perf["trainable_params"] < 1_000
         assert perf["context_grad_norm"] > 0  # the word embedding's gradient was computed
         # AdamW state + gradients of every weight: full fine-tuning must need more memory than Perfusion
         assert full["peak_total_mb"] > perf["peak_total_mb"] > 0
-        assert train["ratios"][f"checkpointing_{'on' if checkpointing else 'off'}"]["peak_memory"] == pytest.approx(
-            perf["peak_total_mb"] / full["peak_total_mb"])
+        ratios = train["ratios"][f"checkpointing_{'on' if checkpointing else 'off'}"]
+        assert ratios["peak_memory"] == pytest.approx(perf["peak_total_mb"] / full["peak_total_mb"])
+        # the floor ran: no trainable weight, no optimizer, yet the gradient reached the context
+        assert floor["trainable_params"] == 0 and floor["optimizer_s"] == 0 and floor["context_grad_norm"] > 0
+        assert _positive(floor["step_s"]) and floor["peak_total_mb"] > 0
+        assert ratios["perfusion_over_floor"] == pytest.approx(perf["step_s"] / floor["step_s"])
 
 
 def test_unet_overhead_and_sample_ratios_are_measured_on_the_same_computation(tiny_run):
