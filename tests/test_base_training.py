@@ -65,6 +65,58 @@ def test_trainable_text_encoder_is_averaged_and_exported():
     assert not torch.equal(model.base_state_dict()[key], exported_before[key])
 
 
+def _lightning_trainer(max_steps: int, accumulate_grad_batches: int):
+    import pytorch_lightning as pl
+
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps,
+                      accumulate_grad_batches=accumulate_grad_batches, precision=32, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0)
+
+
+def test_lightning_updates_both_averages_once_per_micro_batch():
+    """A real Lightning Trainer with gradient accumulation over 2 micro-batches, 2 optimizer steps: Lightning calls
+    the EMA update of the UNet and of the jointly trained text encoder after each of the 4 micro-batches, after the
+    optimizer step on the last micro-batch of each step; the averages are those of the weights seen at the 4 calls."""
+    from torch.utils.data import DataLoader
+
+    config = small_toy_config()
+    config.model.params.scheduler_config = None  # no warm-up: the first optimizer step changes the weights
+    model = instantiate_from_config(config.model)
+    dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {"size": 4}}))
+    pairs = model.ema_pairs()
+    assert [module for _, module in pairs] == [model.model, model.cond_stage_model]
+    start = [{n: p.detach().clone() for n, p in module.named_parameters() if n in ema.name_map}
+             for ema, module in pairs]
+    seen = [[] for _ in pairs]  # per average: (weights at the call, optimizer steps so far)
+    trainer = _lightning_trainer(max_steps=2, accumulate_grad_batches=2)
+    for (ema, module), calls in zip(pairs, seen):
+        update = ema.forward
+
+        def counted(averaged, update=update, calls=calls, module=module):
+            assert averaged is module
+            calls.append(({n: p.detach().clone() for n, p in averaged.named_parameters()}, trainer.global_step))
+            return update(averaged)
+
+        ema.forward = counted
+    trainer.fit(model, DataLoader(dataset, batch_size=1))
+    assert trainer.global_step == 2
+    for (ema, module), calls, before in zip(pairs, seen, start):
+        assert [step for _, step in calls] == [0, 1, 1, 2]  # after micro-batches 1-4; steps on 2 and 4
+        assert int(ema.num_updates) == 4
+        name = next(iter(ema.name_map))
+        weights = [state[name] for state, _ in calls]
+        assert torch.equal(weights[0], before[name]) and torch.equal(weights[2], weights[1])
+        assert not torch.equal(weights[1], weights[0]) and not torch.equal(weights[3], weights[2])
+        shadow = dict(ema.named_buffers())
+        for name, buffer_name in ema.name_map.items():
+            expected = before[name].clone()
+            for n, (state, _) in enumerate(calls, start=1):
+                decay = min(float(ema.decay), (1 + n) / (10 + n))
+                expected = decay * expected + (1 - decay) * state[name]
+            torch.testing.assert_close(shadow[buffer_name], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_main_trains_a_toy_base_model_and_exports_it(tmp_path):
     result = subprocess.run(
         [sys.executable, "main.py", "--base", str(TOY_BASE), "-t", "True", "--name", "base", "--basedir",

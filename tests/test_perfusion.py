@@ -165,21 +165,101 @@ def test_sd2_structure_trains_and_its_concept_reloads(tiny_world_sd2, tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def test_target_input_ema_decays_by_0_99_per_optimizer_step(trained):
-    import types
-
+def test_target_input_update_without_a_trainer_has_momentum_0_99(trained):
     model = trained[0]
     saved = model.target_input.clone()
     try:
         model.target_input.zero_()
         model.update_target_input(torch.ones(3, model.target_input.numel()))
         torch.testing.assert_close(model.target_input, torch.full_like(saved, 0.01))
-        # with 4 micro-batches per optimizer step, four updates decay i* by 0.99 in total
-        model.target_input.fill_(1.0)
-        model._trainer = types.SimpleNamespace(accumulate_grad_batches=4, world_size=1)
-        for _ in range(4):
-            model.update_target_input(torch.zeros(2, model.target_input.numel()))
-        torch.testing.assert_close(model.target_input, torch.full_like(saved, 0.99))
     finally:
-        model._trainer = None
         model.target_input.copy_(saved)
+
+
+def test_lightning_updates_the_target_input_once_per_micro_batch_and_by_0_99_per_optimizer_step(tiny_world):
+    """A real Lightning Trainer, 2 optimizer steps of 2 accumulated micro-batches: i* is updated after each
+    micro-batch's encoding with momentum 0.99^(1/2), so it decays by 0.99 per optimizer step."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    config = tiny_world.perfusion_config()
+    model = instantiate_from_config(config.model)
+    dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
+        "placeholder_token": "*", "superclass": "teddy", "flip_p": 0.0}}))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=2, precision=32,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    calls = []  # (i* before, batch mean of the concept encodings, i* after, optimizer steps so far)
+    update = model.update_target_input
+
+    def recorded(concept_encodings):
+        before = model.target_input.clone()
+        update(concept_encodings)
+        calls.append((before, concept_encodings.float().mean(0), model.target_input.clone(), trainer.global_step))
+
+    model.update_target_input = recorded
+    trainer.fit(model, DataLoader(dataset, batch_size=1))
+    assert trainer.global_step == 2 and len(dataset) >= 4
+    assert [step for *_, step in calls] == [0, 0, 1, 1]  # once per micro-batch, two per optimizer step
+    m = 0.99 ** 0.5
+    for before, mean, after, _ in calls:  # (the first batch also initialises i* to its mean, before updating it)
+        torch.testing.assert_close(after, m * before + (1 - m) * mean, rtol=1e-6, atol=1e-7)
+    assert all((after - before).abs().max() > 1e-6 for before, _, after, _ in calls[1:])
+
+
+def test_gradient_checkpointing_as_in_the_real_configs_gives_the_same_losses_and_gradients(tiny_world):
+    """The real configs train with ``use_checkpoint: True`` (the UNet's res- and transformer blocks recompute their
+    activations in the backward pass): two optimizer steps give the losses, the gradients of the embedding and of
+    the value outputs, and the concept of the same model with checkpointing off."""
+    from ldm.modules.attention import BasicTransformerBlock
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    config = tiny_world.perfusion_config(**{"model.params.unet_config.params.use_checkpoint": True})
+    model = instantiate_from_config(config.model)
+    blocks = [m for m in model.model.diffusion_model.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
+    flags = [m for m in blocks if isinstance(m, BasicTransformerBlock)]
+    assert len(flags) == 7 and len(blocks) > len(flags)
+    assert all(m.checkpoint for m in flags) and all(m.use_checkpoint for m in blocks if isinstance(m, ResBlock))
+    dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
+        "placeholder_token": "*", "superclass": "teddy", "flip_p": 0.0}}))
+    batch = default_collate([dataset[i] for i in range(2)])
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def train(checkpointing: bool, steps: int = 2):
+        for m in blocks:
+            setattr(m, "checkpoint" if isinstance(m, BasicTransformerBlock) else "use_checkpoint", checkpointing)
+        model.load_state_dict(start)
+        model.train()
+        optimizer = model.configure_optimizers()
+        calls = []  # cross-attention calls of the first transformer block: in the backward pass, recomputations
+        hook = flags[0].attn2.register_forward_pre_hook(lambda *args: calls.append(1))
+        losses, grads, recomputed = [], [], 0
+        try:
+            for step in range(steps):
+                torch.manual_seed(step)
+                loss, _ = model.shared_step(batch)
+                optimizer.zero_grad()
+                before_backward = len(calls)
+                loss.backward()
+                recomputed += len(calls) - before_backward
+                losses.append(loss.detach())
+                missing = [i for i, p in enumerate(model.trainable_parameters()) if p.grad is None]
+                assert not missing, f"trainable tensors {missing} got no gradient (checkpointing={checkpointing})"
+                grads.append([p.grad.detach().clone() for p in model.trainable_parameters()])
+                optimizer.step()
+        finally:
+            hook.remove()
+        return losses, grads, model.concept_state_vector(), recomputed
+
+    losses, grads, concept, recomputed = train(True)
+    assert recomputed == 2  # checkpointing is on: the block ran again in each backward pass
+    plain_losses, plain_grads, plain_concept, recomputed = train(False)
+    assert recomputed == 0
+    print(f"\nlosses with checkpointing {[l.item() for l in losses]}, without {[l.item() for l in plain_losses]}")
+    for a, b in zip(losses, plain_losses):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for step_grads, step_plain in zip(grads, plain_grads):
+        assert all(g.abs().max() > 0 for g in step_plain)  # every trainable tensor gets a gradient
+        for g, h in zip(step_grads, step_plain):
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(concept, plain_concept, rtol=1e-4, atol=1e-6)

@@ -109,6 +109,49 @@ def test_two_process_cpu_ddp_ends_with_identical_concepts_on_both_ranks(tiny_wor
     assert report["max_abs_difference"] == 0.0
 
 
+def test_training_with_gradient_checkpointing_as_the_real_configs_do(tiny_world, tmp_path):
+    """``use_checkpoint: True`` in the UNet config (as configs/perfusion_*.yaml set it): the optimizer steps run,
+    the concept moves away from its initial state (embedding = the super-class word's, o*_V = W_V i_super), and the
+    file reloads into an inference model, where it changes the prediction."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+    from perfusion.roe import edited_layers
+
+    result = run_main(["--name", "gc", "--base", *TINY_BASES, "--basedir", str(tmp_path), "-t", "True",
+                       *tiny_world.cli_overrides(), "model.params.unet_config.params.use_checkpoint=True",
+                       "lightning.trainer.max_steps=2", "lightning.callbacks.image_logger.params.batch_frequency=100"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logdir = only_logdir(tmp_path)
+    project = OmegaConf.load(next((logdir / "configs").glob("*-project.yaml")))
+    assert project.model.params.unet_config.params.use_checkpoint is True
+    assert "2/2" in result.stderr
+    concept = load_concept(tmp_path / "gc.safetensors")
+    assert concept.metadata["training_steps"] == 2
+
+    model = instantiate_from_config(OmegaConf.load("configs/tiny/perfusion-inference-sd1-tiny.yaml").model)
+    model.init_from_ckpt(str(tiny_world.ckpt))
+    model.eval()
+    teddy = model.cond_stage_model.tokenize(["teddy"])[0, 1]
+    initial_embedding = model.cond_stage_model.token_embedding.weight[teddy]
+    assert (concept.embedding - initial_embedding).abs().max() > 1e-3
+    values = edited_layers(model.model.diffusion_model, "value")
+    with torch.no_grad():
+        moved = [float((concept.value_outputs[name] - layer.weight @ concept.superclass_input).abs().max())
+                 for name, layer in values.items()]
+    assert len(moved) == 7 and min(moved) > 1e-3, moved
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        plain = model.apply_model(x, t, model.get_learned_conditioning(["a photo of a teddy"]))
+        model.load_concepts([tmp_path / "gc.safetensors"])
+        for name, layer in values.items():
+            torch.testing.assert_close(layer.target_output[0], concept.value_outputs[name], rtol=0, atol=0)
+        personalized = model.apply_model(x, t, model.get_learned_conditioning(["a photo of a *"]))
+    assert torch.isfinite(personalized).all() and (personalized - plain).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("key, filename, messages", [
     ("ckpt_path", "v1-5-pruned-emaonly.ckpt", ["base checkpoint not found", "huggingface.co"]),
     ("C_inv_path", "C_inv.npy", ["C^-1 file not found", "data/estimate_C_inv.py"]),
