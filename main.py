@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddpm import BACKBONE_PREFIXES
 from ldm.util import (ConfigError, MissingFileError, UserError, accepted_parameters, atomic_write,
-                      check_config_keys, instantiate_from_config, one_line_warnings, validate_config)
+                      check_config_keys, get_obj_from_str, instantiate_from_config, one_line_warnings,
+                      validate_config)
 
 # The frozen base model is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
@@ -86,10 +87,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
         "wrap": "datasets are not wrapped; the training length is lightning.trainer.max_steps",
         "test": "there is no test loop",
         "predict": "there is no predict loop",
-        "use_worker_init_fn": "augmentations are seeded per item and epoch by the dataset",
+        "validation": "there is no validation loop",
+        "use_worker_init_fn": "DataLoader workers are seeded by seed_everything(workers=True) (-s/--seed)",
     }
 
-    def __init__(self, batch_size: int, train=None, validation=None, num_workers: int | None = None,
+    def __init__(self, batch_size: int, train=None, num_workers: int | None = None,
                  shuffle: bool = True):
         super().__init__()
         self.batch_size = batch_size
@@ -130,7 +132,8 @@ class OptimizerStepProgressBar(Callback):
 
 
 class DatasetEpoch(Callback):
-    """Tells the dataset the epoch so seeded augmentations differ between epochs (Lightning does not)."""
+    """Tells a dataset with ``set_epoch`` the epoch (the toy world draws new scenes each epoch; Lightning does
+    not tell map-style datasets)."""
 
     def on_train_epoch_start(self, trainer, pl_module):
         dataset = getattr(trainer.datamodule, "datasets", {}).get("train") if trainer.datamodule else None
@@ -405,7 +408,8 @@ def check_training_config(model_config) -> None:
 
 
 def fill_dataset_words(config, seed: int) -> None:
-    """The dataset's placeholder, super-class word and augmentation seed default to the run's."""
+    """The dataset's placeholder, super-class word and (where it takes one: the toy world's scenes) seed default
+    to the run's."""
     personalization = config.model.params.get("personalization_config", {}).get("params", {})
     train = config.get("data", {}).get("params", {}).get("train")
     if train is None:
@@ -415,7 +419,9 @@ def fill_dataset_words(config, seed: int) -> None:
         params["placeholder_token"] = personalization["placeholder_strings"][0]
     if "superclass" not in params and personalization.get("initializer_words"):
         params["superclass"] = personalization["initializer_words"][0]
-    params.setdefault("seed", seed)
+    target = train.get("target")
+    if target and "seed" in (accepted_parameters(get_obj_from_str(str(target))) or {"seed"}):
+        params.setdefault("seed", seed)
 
 
 def trainer_settings(opt, lightning_config) -> dict:
@@ -583,7 +589,9 @@ def check_lightning_config(lightning_config) -> None:
     check_config_keys("lightning.modelcheckpoint_step.params", list((step.get("params") or {}).keys()), known)
     callbacks = lightning_config.get("callbacks") or {}
     for name, entry in callbacks.items():
-        if name != "image_logger":
+        if name == "image_logger":  # built by main.py from its params; a target (old configs) is ignored
+            check_config_keys("lightning.callbacks.image_logger", list((entry or {}).keys()), {"params", "target"})
+        else:
             validate_config(entry, f"lightning.callbacks.{name}")
 
 

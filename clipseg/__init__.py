@@ -12,7 +12,6 @@ _LAZY = {
     "load_state_file": "clipseg.model",
     "build_offline_clip_tokenizer": "clipseg.model",
     "original_to_hf": "clipseg.convert",
-    "hf_to_original": "clipseg.convert",
     "infer_clipseg_config": "clipseg.convert",
     "read_torchscript_state_dict": "clipseg.torchscript",
 }

@@ -134,63 +134,6 @@ def _convert_one(key: str, tensor: torch.Tensor, out: dict) -> bool:
     return False
 
 
-def hf_to_original(hf_state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """Inverse of `original_to_hf`: transformers CLIPSeg state dict -> (OpenAI CLIP dict, original decoder dict).
-
-    Used to check the mapping both ways and to export weights for the original code base.
-    """
-    clip_state: dict[str, torch.Tensor] = {}
-    decoder_state: dict[str, torch.Tensor] = {}
-    inverse_top = {new: (old, transposed) for old, (new, transposed) in _CLIP_TOP_LEVEL.items()}
-    qkv_parts: dict[str, dict[str, torch.Tensor]] = {}  # fused original key -> {"q": .., "k": .., "v": ..}
-    unknown: list[str] = []
-    for key, tensor in hf_state.items():
-        if key.endswith("position_ids"):  # non-persistent index buffers, not weights
-            continue
-        if key in inverse_top:
-            old, transposed = inverse_top[key]
-            clip_state[old] = tensor.t().contiguous() if transposed else tensor
-            continue
-        top = next((old for old, new in _DECODER_TOP_LEVEL_PREFIXES.items() if key.startswith(new)), None)
-        if top is not None:
-            decoder_state[top + key[len(_DECODER_TOP_LEVEL_PREFIXES[top]):]] = tensor
-            continue
-        parts = _split_block_key(key, _REDUCES[1])
-        if parts is not None:
-            decoder_state[f"{_REDUCES[0]}{parts[0]}.{parts[1]}"] = tensor
-            continue
-        if not _invert_block_key(key, tensor, clip_state, decoder_state, qkv_parts):
-            unknown.append(key)
-    for fused_key, parts in qkv_parts.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"Incomplete q/k/v projections for {fused_key}: have {sorted(parts)}")
-        target = decoder_state if fused_key.startswith("blocks.") else clip_state
-        target[fused_key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    if unknown:
-        raise ValueError(f"transformers CLIPSeg keys without an original counterpart: {unknown[:12]}")
-    return clip_state, decoder_state
-
-
-def _invert_block_key(key, tensor, clip_state, decoder_state, qkv_parts) -> bool:
-    for old_prefix, new_prefix, block_parts, fused_qkv in _BLOCK_GROUPS:
-        parts = _split_block_key(key, new_prefix)
-        if parts is None:
-            continue
-        index, rest = parts
-        qkv = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
-        if qkv:
-            qkv_parts.setdefault(f"{old_prefix}{index}.{fused_qkv}{qkv.group(2)}", {})[qkv.group(1)] = tensor
-            return True
-        module, _, kind = rest.rpartition(".")
-        inverse_parts = {new: old for old, new in block_parts.items()}
-        if module not in inverse_parts:
-            return False
-        target = decoder_state if old_prefix == "blocks." else clip_state
-        target[f"{old_prefix}{index}.{inverse_parts[module]}.{kind}"] = tensor
-        return True
-    return False
-
-
 def hf_clip_model_to_clipseg(clip_model_state: Mapping[str, torch.Tensor]) -> dict:
     """transformers CLIPModel keys (`vision_model.*`, `text_model.*`, projections) -> CLIPSeg `clip.*` keys."""
     converted = {}

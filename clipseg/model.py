@@ -12,7 +12,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -52,8 +51,12 @@ class ClipSegMasker:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # CLIPSegProcessor's image processor (ViT) with the PIL backend: PIL bilinear resize, as the CIDAS
+        # processor does, then /255 and normalisation.
+        from transformers import ViTImageProcessorPil
+
+        self.image_processor = ViTImageProcessorPil(size={"height": self.image_size, "width": self.image_size},
+                                                    image_mean=list(mean), image_std=list(std))
 
     @property
     def device(self) -> torch.device:
@@ -64,14 +67,9 @@ class ClipSegMasker:
         return self
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> (B, 3, S, S) normalised pixels (bilinear resize, as the CIDAS processor does)."""
-        size = (self.image_size, self.image_size)
-        arrays = [
-            np.asarray((im if im.mode == "RGB" else im.convert("RGB")).resize(size, Image.BILINEAR), np.float32)
-            for im in images
-        ]
-        pixels = torch.from_numpy(np.stack(arrays) / np.float32(255.0)).permute(0, 3, 1, 2)
-        return (pixels - self.mean) / self.std
+        """PIL images -> (B, 3, S, S) normalised float32 pixels."""
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:

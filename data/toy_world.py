@@ -223,11 +223,6 @@ class ToyWorld:
         return sorted(words)
 
 
-def held_out_captions() -> list[str]:
-    """One-object captions of the held-out (colour, shape) pairs, every background."""
-    return [f"a {c} {s} on a {b} background" for c, s in HELD_OUT_PAIRS for b in BACKGROUNDS]
-
-
 VOCABULARY_TEMPLATES = ("a {}", "a photo of a {}", "a {} {} on a {} background",
                         "a {} {} and a {} {} on a {} background", "a {} and a {}")
 

@@ -16,10 +16,6 @@ from typing import Any, Callable, Mapping
 import torch
 
 
-def exists(x) -> bool:
-    return x is not None
-
-
 def default(value, fallback):
     if value is not None:
         return value
@@ -174,10 +170,6 @@ def instantiate_from_config(config: Mapping[str, Any] | Any, **extra_kwargs):
     return target(**{k: v for k, v in params.items() if k not in unused}, **extra_kwargs)
 
 
-def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be used as asked; the message says why and what to do."""
 
@@ -329,10 +321,16 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 def load_model_from_config(config, ckpt: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """Build ``config.model`` and load an original-layout checkpoint into it (the user-facing path).
 
-    ``config`` is the whole OmegaConf/dict config (with a ``model`` entry) or the model entry itself.
+    ``config`` is the whole OmegaConf/dict config (with a ``model`` entry) or the model entry itself. The weights
+    come from ``ckpt`` alone: the config's ``model.params.ckpt_path`` is not loaded (``config`` is not changed).
     """
+    from omegaconf import OmegaConf
+
     model_config = config["model"] if "model" in config else config
-    model = instantiate_from_config(model_config)
+    if OmegaConf.is_config(model_config):
+        model_config = OmegaConf.to_container(model_config, resolve=True)
+    params = {k: v for k, v in (model_config.get("params") or {}).items() if k != "ckpt_path"}
+    model = instantiate_from_config({**model_config, "params": params})
     if ckpt is not None:
         model.init_from_ckpt(os.fspath(ckpt))
     return model.to(device).eval()

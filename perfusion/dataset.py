@@ -14,7 +14,6 @@ writes them. Two tolerated deviations, each reported once by a warning at constr
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from ldm.util import BadValueError, MissingFileError
 
@@ -183,12 +182,9 @@ class PersonalizedBase(Dataset):
     "caption": str, "caption_superclass": str, "path": str}``. ``len`` is the number of images; training length
     is set by the trainer's ``max_steps``, so ``repeats`` (old configs) is ignored.
 
-    Randomness (crop position when ``center_crop=False``, flip, template choice): with ``seed`` each item uses its
-    own ``torch.Generator`` seeded from (seed, index, epoch, how often this process has drawn the index), so runs
-    are reproducible; without ``seed`` the global torch RNG is used. Call :meth:`set_epoch` at each epoch start
-    when DataLoader workers are not persistent (each epoch gets a fresh copy of the dataset); if it is never
-    called, workers fold the DataLoader's per-epoch base seed in instead, so augmentations still change from
-    epoch to epoch (and stay reproducible when the main process is seeded).
+    Randomness (crop position when ``center_crop=False``, flip, template choice) draws from torch's global RNG:
+    main.py seeds it with ``seed_everything(seed, workers=True)``, which also seeds every DataLoader worker (from
+    the loader's base seed), so runs are reproducible and each epoch draws new augmentations.
     """
 
     # Keys of the Textual Inversion / reference Perfusion data configs that this dataset does not use.
@@ -196,6 +192,7 @@ class PersonalizedBase(Dataset):
         "per_image_tokens": "Perfusion learns one word per concept, not one per image",
         "mixing_prob": "captions name one concept; mix concepts at inference with {1}/{2}",
         "coarse_class_text": "the super-class word comes from initializer_words (or superclass:)",
+        "seed": "augmentations draw from torch's RNG, seeded by main.py --seed (seed_everything)",
     }
 
     def __init__(
@@ -212,7 +209,6 @@ class PersonalizedBase(Dataset):
         center_crop: bool = True,
         set: str = "train",  # noqa: A002 - the name old configs use
         repeats: int | None = None,
-        seed: int | None = None,
     ):
         self.data_root = Path(data_root).expanduser()
         self.size = self._check_size(size)
@@ -227,7 +223,6 @@ class PersonalizedBase(Dataset):
             raise BadValueError(f"PersonalizedBase: set={set!r}; use one of {list(_SETS)}")
         # Evaluation sets are deterministic: centre crop, no flip.
         self.is_train = set == "train"
-        self.seed = None if seed is None else int(seed)
         if repeats is not None:
             warnings.warn(
                 f"PersonalizedBase: repeats={repeats} is ignored. len(dataset) is the number of images "
@@ -241,10 +236,6 @@ class PersonalizedBase(Dataset):
         self.image_paths = list_images(self.data_root)
         self._plans = [self._validate(path) for path in self.image_paths]
         self._warn_about_plans()
-
-        self._epoch = 0
-        self._epoch_was_set = False
-        self._draws = [0] * len(self.image_paths)
 
     # ----- argument checks -------------------------------------------------------------------------------
     @staticmethod
@@ -376,25 +367,6 @@ class PersonalizedBase(Dataset):
             mask = mask.resize(plan.size, Image.Resampling.BILINEAR)
         return mask
 
-    # ----- randomness ------------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Make the seeded augmentations of this epoch differ from other epochs (see the class doc)."""
-        self._epoch = int(epoch)
-        self._epoch_was_set = True
-
-    def _generator(self, index: int) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        draw = self._draws[index]
-        self._draws[index] += 1
-        stream = 0
-        worker = get_worker_info()
-        if worker is not None and not self._epoch_was_set:
-            stream = worker.seed - worker.id  # the DataLoader's base seed, new each epoch
-        key = f"{self.seed}|{index}|{self._epoch}|{draw}|{stream}".encode()
-        digest = hashlib.blake2b(key, digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-
     # ----- items -----------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -406,17 +378,16 @@ class PersonalizedBase(Dataset):
         plan = self._plans[index]
         image = load_image(plan.image_path)
         mask = self._load_mask(plan) if self.use_masks else None
-        generator = self._generator(index)
 
-        template = self.templates[int(torch.randint(len(self.templates), (1,), generator=generator))]
+        template = self.templates[int(torch.randint(len(self.templates), (1,)))]
         width, height = image.size
         side = min(width, height)
         if self.center_crop or not self.is_train:
             left, top = (width - side) // 2, (height - side) // 2
         else:
-            left = int(torch.randint(width - side + 1, (1,), generator=generator))
-            top = int(torch.randint(height - side + 1, (1,), generator=generator))
-        flip = bool(torch.rand((), generator=generator) < self.flip_p) and self.is_train
+            left = int(torch.randint(width - side + 1, (1,)))
+            top = int(torch.randint(height - side + 1, (1,)))
+        flip = bool(torch.rand(()) < self.flip_p) and self.is_train
 
         box = (left, top, left + side, top + side)
         target = (self.size, self.size)

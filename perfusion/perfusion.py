@@ -87,9 +87,6 @@ class Perfusion(LatentDiffusion):
     def keys_not_in_base_checkpoint(self) -> set[str]:
         return {f"model.diffusion_model.{name}.target_output" for name in edited_layers(self.model.diffusion_model)}
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.embedding_manager.embeddings] + [layer.target_output for layer in self.value_layers.values()]
-
     # ----- text side ----------------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.cond_stage_model.tokenize(list(prompts)).to(self.device)

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from ldm.util import UserError, one_line_warnings  # noqa: E402
+from ldm.util import UserError, load_model_from_config, one_line_warnings  # noqa: E402
 from perfusion.roe import INFERENCE_BETA, INFERENCE_TAU, MULTI_CONCEPT_BETA, inference_gating  # noqa: E402
 
 # Single-token strings to rename placeholders to when two concept files share one.
@@ -170,15 +170,6 @@ def fill_prompt(prompt: str, words: list[str]) -> str:
 
 
 # ----- model ------------------------------------------------------------------------------------------------------
-def load_model(config, ckpt: str, device: torch.device):
-    from ldm.util import instantiate_from_config
-
-    config.model.params.ckpt_path = None
-    model = instantiate_from_config(config.model)
-    model.init_from_ckpt(ckpt)
-    return model.to(device).eval()
-
-
 def make_sampler(opt, model):
     """(sampler, denoiser, name): DDIM (--ddim_eta) or PLMS (--plms) on the original timesteps, or the sgm sampler
     of --sampler_config with --denoiser_config (--advanced_sampler), all over the model's own noise schedule."""
@@ -292,7 +283,7 @@ def generate(opt) -> int:
         raise UsageError("--global_locking needs --personalized_ckpt")
 
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(config, opt.ckpt, device)
+    model = load_model_from_config(config, opt.ckpt, device)
     placeholders = distinct_placeholders(concepts) if concepts else []
     if concepts:
         model.load_concepts(concepts, beta=betas, tau=taus, placeholders=placeholders)

@@ -31,19 +31,6 @@ from data.toy_world import BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES  # noqa:
 DEFAULT_CONFIG = "configs/toy/inference.yaml"
 
 
-def load_model(config_path: str = DEFAULT_CONFIG, ckpt: str | None = None, device: str = "cpu"):
-    from omegaconf import OmegaConf
-
-    from ldm.util import instantiate_from_config
-
-    config = OmegaConf.load(config_path)
-    config.model.params.ckpt_path = None
-    model = instantiate_from_config(config.model)
-    if ckpt is not None:
-        model.init_from_ckpt(ckpt)
-    return model.to(device).eval()
-
-
 @torch.no_grad()
 def sample(model, prompts: list[str], steps: int = 25, scale: float = 4.0, seed: int = 0,
            batch_size: int = 32) -> list[np.ndarray]:
@@ -177,7 +164,11 @@ def main(argv=None) -> int:
         if not Path(path).is_file():
             print(f"error: --ckpt {path}: file not found", file=sys.stderr)
             return 2
-    model = load_model(args.config)
+    from omegaconf import OmegaConf
+
+    from ldm.util import load_model_from_config
+
+    model = load_model_from_config(OmegaConf.load(args.config))
     samples = None
     for path in sorted(args.ckpt, key=step_of):
         model.init_from_ckpt(path)

@@ -10,7 +10,11 @@ import torch
 from omegaconf import OmegaConf
 
 from tests._tiny_models import randomize_zero_parameters, tiny_config, write_tiny_checkpoint
-from ldm.util import CheckpointError, count_params, instantiate_from_config, load_model_from_config, load_state_dict
+from ldm.util import CheckpointError, instantiate_from_config, load_model_from_config, load_state_dict
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
 
 PUBLISHED_UNET = {"v1": 859_520_964, "v2": 865_910_724}
 PUBLISHED_VAE = 83_653_863

@@ -8,20 +8,23 @@ import math
 import pickle
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 import clipseg.paths
-from clipseg.convert import hf_to_original, infer_clipseg_config, original_to_hf
-from clipseg.model import ClipSegMasker, build_offline_clip_tokenizer, load_clipseg, load_state_file
+from clipseg.convert import infer_clipseg_config, original_to_hf
+from clipseg.model import (IMAGENET_MEAN, IMAGENET_STD, ClipSegMasker, build_offline_clip_tokenizer, load_clipseg,
+                           load_state_file)
 from clipseg.paths import ClipSegWeightsNotFound
 from clipseg.torchscript import is_torchscript_archive, read_torchscript_state_dict
 from tests._tiny_clipseg import (
     TINY_EXTRACT_LAYERS,
     TINY_HEADS,
     OriginalDecoder,
+    hf_to_original,
     save_tiny_clipseg_folder,
     tiny_clipseg_model,
     tiny_open_clip,
@@ -120,6 +123,18 @@ def test_transformers_folder_and_original_layout_give_same_masks(tiny_model, tmp
         expected = F.interpolate(torch.stack(probabilities).mean(0)[None, None], size=(image.height, image.width),
                                  mode="bilinear", align_corners=False)[0, 0]
         assert torch.allclose(masks_folder[index], expected, atol=5e-5)  # batched vs single: float noise only
+
+
+def test_preprocess_is_bilinear_resize_and_imagenet_normalisation(tiny_model):
+    """The masker's pixels are exactly the original recipe: RGB, PIL bilinear resize to S x S, / 255 in float32,
+    ImageNet mean and std."""
+    images = _images() + [_images()[0].convert("L"), _images()[1].convert("RGBA")]
+    arrays = [np.asarray(im.convert("RGB").resize((96, 96), Image.BILINEAR), np.float32) for im in images]
+    pixels = torch.from_numpy(np.stack(arrays) / np.float32(255.0)).permute(0, 3, 1, 2)
+    expected = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    got = ClipSegMasker(tiny_model, tokenizer=None, image_size=96).preprocess(images)
+    assert got.dtype == torch.float32 and got.shape == (4, 3, 96, 96)
+    assert torch.equal(got, expected)
 
 
 def test_openai_layout_is_interpreted_like_the_original_model():

@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ def _item(dataset: PersonalizedBase, name: str) -> dict:
 
 
 def test_items_have_shapes_ranges_and_sorted_paths(concept):
-    dataset = PersonalizedBase(concept, size=SIZE, superclass="teddy", seed=0)
+    dataset = PersonalizedBase(concept, size=SIZE, superclass="teddy")
     assert len(dataset) == 7
     assert [p.name for p in dataset.image_paths] == NAMES
     for index in range(len(dataset)):
@@ -208,10 +209,13 @@ def test_mask_of_other_size_is_resized_with_a_warning(concept):
 
 
 def test_flip_mirrors_image_and_mask_together(concept):
-    plain = PersonalizedBase(concept, size=SIZE, flip_p=0.0, seed=1)
-    flipped = PersonalizedBase(concept, size=SIZE, flip_p=1.0, seed=1)
+    plain = PersonalizedBase(concept, size=SIZE, flip_p=0.0)
+    flipped = PersonalizedBase(concept, size=SIZE, flip_p=1.0)
     for index in range(len(plain)):
-        a, b = plain[index], flipped[index]
+        torch.manual_seed(index)
+        a = plain[index]
+        torch.manual_seed(index)  # the same draws: the same template
+        b = flipped[index]
         assert torch.equal(b["jpg"], a["jpg"].flip(1))
         assert torch.equal(b["mask"], a["mask"].flip(1))
         assert a["caption"] == b["caption"]
@@ -227,7 +231,8 @@ def test_random_crop_keeps_mask_on_the_marker(tmp_path):
     mask[40:50, 10:20] = 255
     Image.fromarray(image).save(root / "tall.png")
     _save_mask(root / "mask" / "tall.png", mask)
-    dataset = PersonalizedBase(root, size=30, center_crop=False, flip_p=0.5, seed=0, interpolation="nearest")
+    dataset = PersonalizedBase(root, size=30, center_crop=False, flip_p=0.5, interpolation="nearest")
+    torch.manual_seed(0)
     marker_rows = set()
     for _ in range(12):
         item = dataset[0]
@@ -240,7 +245,8 @@ def test_random_crop_keeps_mask_on_the_marker(tmp_path):
 
 
 def test_captions_share_one_template(concept):
-    dataset = PersonalizedBase(concept, size=SIZE, placeholder_token="*", superclass="teddy", seed=0)
+    dataset = PersonalizedBase(concept, size=SIZE, placeholder_token="*", superclass="teddy")
+    torch.manual_seed(0)
     seen = set()
     for index in range(len(dataset)):
         for _ in range(3):
@@ -321,39 +327,35 @@ def test_bad_arguments_are_named(concept, bad, message):
         PersonalizedBase(concept, **bad)
 
 
-def _epoch(dataset):
-    return [dataset[i] for i in range(len(dataset))]
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_seed_everything_makes_batches_reproducible_and_new_each_epoch(concept, monkeypatch, num_workers):
+    """main.py seeds with seed_everything(seed, workers=True); its DataModule's loader (workers persistent, seeded
+    by Lightning as the Trainer does) then gives the same batches for the same seed and new crops, flips and
+    captions each epoch, in the main process and in workers."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.seed import pl_worker_init_function
 
+    from main import DataModuleFromConfig
 
-def _same(a, b):
-    return all(torch.equal(x["jpg"], y["jpg"]) and torch.equal(x["mask"], y["mask"])
-               and x["caption"] == y["caption"] for x, y in zip(a, b))
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    data = DataModuleFromConfig(batch_size=7, num_workers=num_workers)
+    data.datasets = {"train": PersonalizedBase(concept, size=16, center_crop=False, flip_p=0.5)}
 
+    def three_epochs(seed):
+        pl.seed_everything(seed, workers=True, verbose=False)
+        loader = data.train_dataloader()
+        loader.worker_init_fn = partial(pl_worker_init_function, rank=0) if num_workers else None
+        return [next(iter(loader)) for _ in range(3)]
 
-def test_seeded_augmentations_are_reproducible_and_vary(concept):
-    kwargs = dict(size=SIZE, center_crop=False, flip_p=0.5)
-    first, second = (PersonalizedBase(concept, seed=7, **kwargs) for _ in range(2))
-    epochs_first = [_epoch(first) for _ in range(2)]
-    epochs_second = [_epoch(second) for _ in range(2)]
-    assert _same(epochs_first[0], epochs_second[0]) and _same(epochs_first[1], epochs_second[1])
-    assert not _same(epochs_first[0], epochs_first[1])  # each pass draws anew
-    assert not _same(_epoch(PersonalizedBase(concept, seed=8, **kwargs)), epochs_first[0])
-    at_epoch_3 = []
-    for _ in range(2):
-        dataset = PersonalizedBase(concept, seed=7, **kwargs)
-        dataset.set_epoch(3)
-        at_epoch_3.append(_epoch(dataset))
-    assert _same(*at_epoch_3) and not _same(at_epoch_3[0], epochs_first[0])
+    def same(a, b):
+        return (torch.equal(a["jpg"], b["jpg"]) and torch.equal(a["mask"], b["mask"])
+                and a["caption"] == b["caption"] and a["path"] == b["path"])
 
-
-def test_worker_processes_vary_per_epoch_and_reproduce(concept):
-    dataset = PersonalizedBase(concept, size=16, center_crop=False, flip_p=0.5, seed=7)
-
-    def two_epochs():
-        torch.manual_seed(0)  # what seed_everything does for the DataLoader's base seed
-        loader = torch.utils.data.DataLoader(dataset, batch_size=7, num_workers=1)
-        return [next(iter(loader)) for _ in range(2)]
-
-    run_a, run_b = two_epochs(), two_epochs()
-    assert all(torch.equal(a["jpg"], b["jpg"]) and a["caption"] == b["caption"] for a, b in zip(run_a, run_b))
-    assert not torch.equal(run_a[0]["jpg"], run_a[1]["jpg"])  # workers do not repeat epoch 0's augmentations
+    run_a, run_b, other = three_epochs(7), three_epochs(7), three_epochs(8)
+    assert all(same(a, b) for a, b in zip(run_a, run_b))
+    assert not same(run_a[0], run_a[1]) and not same(run_a[1], run_a[2])  # each epoch draws anew
+    assert not same(run_a[0], other[0])
+    by_path = [{p: (j, c) for p, j, c in zip(b["path"], b["jpg"], b["caption"])} for b in run_a[:2]]
+    assert any(not torch.equal(by_path[0][p][0], by_path[1][p][0]) or by_path[0][p][1] != by_path[1][p][1]
+               for p in by_path[0])  # the same image, augmented and captioned anew

@@ -21,11 +21,17 @@ def run(args, timeout=900):
                           timeout=timeout)
 
 
+def load_toy_model():
+    from omegaconf import OmegaConf
+
+    from ldm.util import load_model_from_config
+
+    return load_model_from_config(OmegaConf.load("configs/toy/inference.yaml"), TOY / "base.safetensors")
+
+
 @pytest.fixture(scope="module")
 def toy_model():
-    from scripts.toy_eval import load_model
-
-    return load_model("configs/toy/inference.yaml", str(TOY / "base.safetensors"))
+    return load_toy_model()
 
 
 def test_shipped_files_are_small_and_present():
@@ -85,11 +91,11 @@ def test_shipped_concept_edits_its_word_and_leaves_other_prompts_alone(toy_model
     """Perfusion's locality: with the concept loaded, prompts without its placeholder sample (almost) the same
     images as the base model, while the placeholder changes the picture."""
     from perfusion.concept_file import load_concept
-    from scripts.toy_eval import load_model, sample
+    from scripts.toy_eval import sample
 
     concept = load_concept(TOY / "toy_dots.safetensors")
     assert concept.metadata["superclass"] == "square" and concept.metadata["base_model"] == "sd1"
-    edited = load_model("configs/toy/inference.yaml", str(TOY / "base.safetensors"))
+    edited = load_toy_model()
     edited.load_concepts([concept], beta=0.7, tau=0.15)
 
     def images(model, prompt):

@@ -34,7 +34,7 @@ def _train_concept(tiny_world, path, superclass, data_seed, template, steps=3):
     # text encoder, unlike CLIP, encodes a token mostly by its context, so two concepts need different contexts
     # to be told apart.
     dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
-        "data_root": str(data_root), "placeholder_token": "*", "superclass": superclass, "seed": 0,
+        "data_root": str(data_root), "placeholder_token": "*", "superclass": superclass,
         "templates": [template]}}))
     batch = default_collate([dataset[i] for i in range(2)])
     optimizer = model.configure_optimizers()

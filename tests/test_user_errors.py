@@ -33,6 +33,18 @@ def test_every_shipped_config_passes_the_strict_check():
             validate_config(config, path.name)
 
 
+def test_image_logger_needs_no_target_and_an_old_one_is_ignored():
+    """main.py builds the image logger from its params; old configs name main.ImageLogger as its target."""
+    from main import check_lightning_config
+
+    params = {"batch_frequency": 5}
+    check_lightning_config(OmegaConf.create({"callbacks": {"image_logger": {"params": params}}}))
+    check_lightning_config(OmegaConf.create({"callbacks": {"image_logger": {"target": "main.ImageLogger",
+                                                                             "params": params}}}))
+    with pytest.raises(ConfigError, match="'param'"):
+        check_lightning_config(OmegaConf.create({"callbacks": {"image_logger": {"param": params}}}))
+
+
 def test_unknown_key_names_the_closest_known_one():
     config = OmegaConf.load(STAR)
     config.model.params.parameterisation = "v"

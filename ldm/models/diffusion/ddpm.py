@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.ema import LitEma
-from ldm.util import CheckpointError, count_params, default, instantiate_from_config, load_state_dict
+from ldm.util import CheckpointError, default, instantiate_from_config, load_state_dict
 
 BACKBONE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 # (EMA attribute, averaged module): the UNet always, the text encoder when it is trained too.
@@ -128,7 +128,7 @@ class DDPM(pl.LightningModule):
                  linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3, given_betas=None,
                  original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
                  conditioning_key: str | None = None, parameterization: str = "eps", scheduler_config=None,
-                 use_positional_encodings: bool = False, learn_logvar: bool = False, logvar_init: float = 0.0,
+                 learn_logvar: bool = False, logvar_init: float = 0.0,
                  ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
@@ -208,14 +208,6 @@ class DDPM(pl.LightningModule):
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x.shape) * noise
                 - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * x)
 
-    def predict_start_from_noise(self, x_t, t, noise):
-        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
-
-    def predict_start_from_z_and_v(self, x_t, t, v):
-        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
-
     def predict_eps_from_z_and_v(self, x_t, t, v):
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
                 + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
@@ -287,7 +279,7 @@ class DDPM(pl.LightningModule):
         return [(getattr(self, e), getattr(self, m)) for e, m in EMA_OF if isinstance(getattr(self, e, None), LitEma)]
 
     @contextmanager
-    def ema_scope(self, context: str | None = None):
+    def ema_scope(self):
         pairs = self.ema_pairs()
         for ema, module in pairs:
             ema.store(module.parameters())
@@ -373,12 +365,13 @@ class LatentDiffusion(DDPM):
         "num_timesteps_cond": "the text conditioning is never noised (SD configs set it to 1)",
         "cond_stage_forward": "the text encoder's encode() is always used",
         "unet_trainable": "the UNet trains when no concept is given (base-model training) and is frozen otherwise",
+        "force_null_conditioning": "the text conditioning is always used (SD 1.x/2.x text-to-image models)",
     }
 
     def __init__(self, first_stage_config, cond_stage_config, cond_stage_key="image",
                  cond_stage_trainable: bool = False, concat_mode: bool = True,
                  conditioning_key: str | None = None, scale_factor: float = 1.0, scale_by_std: bool = False,
-                 force_null_conditioning: bool = False, *args, **kwargs):
+                 *args, **kwargs):
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", ())
         if conditioning_key is None:
@@ -440,7 +433,7 @@ class LatentDiffusion(DDPM):
             self.scale_factor.copy_(1.0 / z.flatten().std())
 
     # ----- denoiser ---------------------------------------------------------------------------------------------
-    def apply_model(self, x_noisy, t, cond, return_ids: bool = False):
+    def apply_model(self, x_noisy, t, cond):
         if isinstance(cond, dict):
             c_concat, c_crossattn = cond.get("c_concat"), cond.get("c_crossattn")
         else:
@@ -494,7 +487,3 @@ class LatentDiffusion(DDPM):
                 latents = sample_model(self, c, x_T, uc, steps=ddim_steps or 50, scale=guidance)
                 log[label] = self.decode_first_stage(latents)
         return log
-
-    def model_summary(self) -> dict[str, int]:
-        return {"unet": count_params(self.model.diffusion_model), "vae": count_params(self.first_stage_model),
-                "text_encoder": count_params(self.cond_stage_model)}

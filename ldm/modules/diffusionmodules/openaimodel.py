@@ -121,12 +121,17 @@ class UNetModel(nn.Module):
     ``use_linear_in_transformer=True``. Cross-attention context enters through ``context``.
     """
 
+    # Keys of the original UNet configs that this implementation does not use (accepted with a warning).
+    UNUSED_CONFIG_KEYS = {
+        "num_heads_upsample": "it only concerns the non-spatial AttentionBlock, which SD does not use",
+        "use_new_attention_order": "it only concerns the non-spatial AttentionBlock, which SD does not use",
+    }
+
     def __init__(self, image_size, in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks: int | Sequence[int], attention_resolutions: Sequence[int], dropout: float = 0.0,
                  channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
                  num_classes=None, use_checkpoint: bool = False, use_fp16: bool = False, num_heads: int = -1,
-                 num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
-                 resblock_updown: bool = False, use_new_attention_order: bool = False,
+                 num_head_channels: int = -1, use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_spatial_transformer: bool = True, transformer_depth: int | Sequence[int] = 1,
                  context_dim: int | None = None, n_embed=None, legacy: bool = True,
                  disable_self_attentions=None, num_attention_blocks=None, disable_middle_self_attn: bool = False,

@@ -10,9 +10,8 @@ class DiagonalGaussianDistribution:
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
         self.deterministic = deterministic
         self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
         if deterministic:
-            self.std = self.var = torch.zeros_like(self.mean)
+            self.std = torch.zeros_like(self.mean)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
@@ -20,8 +19,3 @@ class DiagonalGaussianDistribution:
 
     def mode(self) -> torch.Tensor:
         return self.mean
-
-    def kl(self) -> torch.Tensor:
-        if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device)
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
