@@ -118,16 +118,16 @@ PATTERN_MIN_OVERLAP = 0.4  # a concept's pattern counts on an object that overla
 
 
 def find_pattern(scores: dict[str, float], labels: np.ndarray, region: np.ndarray) -> str | None:
-    """Which toy concept an object shows, if any. The object must be star-like (toy_star) or square-like
-    (toy_dots), not necessarily classified as such (generated concept objects are often a little distorted);
-    toy_star is then mostly orange, a colour the world never shows, and toy_dots blue with yellow in three or four
+    """Which toy concept an object shows, if any. toy_star: read as a star (its best template; an orange circle
+    or triangle is not the concept) and mostly orange, a colour the world never shows. toy_dots: square-like, not
+    necessarily classified as a square (the dots distort the outline), blue with yellow in three or four
     quadrants."""
     yellow, blue = PALETTE_NAMES.index("yellow"), PALETTE_NAMES.index("blue")
     orange = PALETTE_NAMES.index("orange")
     values = labels[region[:, 0], region[:, 1]]
     ys, xs = region[:, 0], region[:, 1]
     cy, cx = ys.mean(), xs.mean()
-    if scores["star"] >= PATTERN_MIN_OVERLAP and (values == orange).mean() >= 0.6:
+    if max(scores, key=scores.get) == "star" and (values == orange).mean() >= 0.6:
         return "toy_star"
     if scores["square"] >= PATTERN_MIN_OVERLAP:
         yellow_share = (values == yellow).mean()
