@@ -4,7 +4,8 @@
         --n_samples 4 --n_iter 1 --personalized_ckpt ./ckpt/teddy.safetensors --prompt "photo of a {}"
 
 ``{}`` marks the concept in the prompt; with several concept files (``--personalized_ckpt a,b``) use ``{1}``,
-``{2}``, ... Each PNG records prompt, seed, sampler, steps, scale, beta, tau and concept files in its metadata.
+``{2}``, ... Each PNG records prompt, negative prompt, seed, sampler, steps, scale, beta, tau and concept files in its
+metadata.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class UsageError(UserError, ValueError):
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", type=str, default="a photo of a {}", help="{} (or {1}, {2}, ...) marks concepts")
+    p.add_argument("--negative_prompt", type=str, default="",
+                   help="what the image should not show: guidance pushes away from it instead of from the empty "
+                        "prompt (needs --scale != 1); may hold {} for a concept like --prompt")
     p.add_argument("--from-file", dest="from_file", type=str, default=None, help="prompts, one per line")
     p.add_argument("--personalized_ckpt", type=str, default=None, help="concept file(s), comma separated")
     p.add_argument("--beta", type=str, default=None,
@@ -104,6 +108,18 @@ def check_prompts(prompts: list[str], n_concepts: int) -> None:
         if n_concepts and not refs:
             raise UsageError(f"prompt '{prompt}' has no {{}} placeholder, so the concept would not appear; "
                              "write {} where the concept goes (e.g. --prompt \"a photo of a {} on the beach\")")
+
+
+def check_negative_prompt(negative_prompt: str, scale: float, n_concepts: int) -> None:
+    if not negative_prompt:
+        return
+    if scale == 1.0:
+        raise UsageError("--negative_prompt works through classifier-free guidance, which --scale 1 turns off; "
+                         "give a --scale above 1 (e.g. 6)")
+    refs = concept_references(negative_prompt)
+    if refs and max(refs) > n_concepts:
+        raise UsageError(f"--negative_prompt '{negative_prompt}' refers to concept {{{max(refs)}}} but "
+                         f"{n_concepts} concept file(s) were given with --personalized_ckpt")
 
 
 def check_prompt_length(encoder, prompt: str, placeholders: list[str]) -> None:
@@ -270,6 +286,7 @@ def generate(opt) -> int:
         raise UsageError(f"--H {opt.H} and --W {opt.W} must be multiples of --f {opt.f}")
     paths = [p.strip() for p in opt.personalized_ckpt.split(",") if p.strip()] if opt.personalized_ckpt else []
     check_prompts(prompts, len(paths))
+    check_negative_prompt(opt.negative_prompt, opt.scale, len(paths))
     concepts = load_and_check_concepts(paths, config) if paths else []
     k = len(concepts)
     default_beta, default_tau = inference_gating(k)
@@ -288,7 +305,7 @@ def generate(opt) -> int:
     if concepts:
         model.load_concepts(concepts, beta=betas, tau=taus, placeholders=placeholders)
     superclasses = [c.metadata.get("superclass") or c.metadata["placeholder"] for c in concepts]
-    for prompt in prompts:
+    for prompt in [*prompts, opt.negative_prompt]:
         check_prompt_length(model.cond_stage_model, fill_prompt(prompt, placeholders) if concepts else prompt,
                             placeholders)
     sampler, denoiser, sampler_name = make_sampler(opt, model)
@@ -309,7 +326,8 @@ def generate(opt) -> int:
             text = fill_prompt(prompt, placeholders) if concepts else prompt
             batch = [text] * opt.n_samples
             c = model.get_learned_conditioning(batch)
-            uc = model.get_learned_conditioning([""] * opt.n_samples)
+            negative = fill_prompt(opt.negative_prompt, placeholders) if concepts else opt.negative_prompt
+            uc = model.get_learned_conditioning([negative] * opt.n_samples)
             if opt.global_locking:
                 model.set_global_locking([text], [fill_prompt(prompt, superclasses)])
             for iteration in range(opt.n_iter):
@@ -317,7 +335,8 @@ def generate(opt) -> int:
                                                                             generator=generator, device=device)
                 samples = sample(model, c, x_T, uc, sampler=sampler, denoiser=denoiser, generator=generator)
                 images = to_images(model, samples)
-                fields = {"prompt": prompt, "text": text, "seed": opt.seed, "iteration": iteration,
+                fields = {"prompt": prompt, "text": text, "negative_prompt": opt.negative_prompt, "seed": opt.seed,
+                          "iteration": iteration,
                           "sampler": sampler_name, "steps": opt.steps, "scale": opt.scale, "eta": opt.ddim_eta,
                           "beta": ",".join(f"{b:g}" for b in betas) if concepts else "",
                           "tau": ",".join(f"{t:g}" for t in taus) if concepts else "",

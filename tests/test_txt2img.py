@@ -67,7 +67,7 @@ def run_txt2img(args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def script_pixels(model, text, n_samples, steps, scale, seed=42, shape=(4, 8, 8)):
+def script_pixels(model, text, n_samples, steps, scale, seed=42, shape=(4, 8, 8), negative=""):
     """What scripts/perfusion_txt2img.py makes of ``text`` with DDIM (eta 0) on ``model`` as loaded: its start noise
     (one torch.Generator seeded with --seed, randn of (n_samples, C, H/f, W/f)), its sampling call and its decoding,
     as float pixels in [0, 255] before the PNG's rounding, (n, H, W, 3)."""
@@ -75,7 +75,7 @@ def script_pixels(model, text, n_samples, steps, scale, seed=42, shape=(4, 8, 8)
 
     x_T = torch.randn((n_samples, *shape), generator=torch.Generator(device="cpu").manual_seed(seed))
     c = model.get_learned_conditioning([text] * n_samples)
-    uc = model.get_learned_conditioning([""] * n_samples)
+    uc = model.get_learned_conditioning([negative] * n_samples)
     latents = sample(model, c, x_T, uc, steps=steps, scale=scale)
     decoded = model.decode_first_stage(latents).float().clamp(-1, 1)
     return ((decoded + 1) * 127.5).permute(0, 2, 3, 1).numpy()
@@ -383,3 +383,31 @@ def test_without_a_concept_the_plain_base_model_is_sampled(tiny_world, tmp_path)
     # another seed's noise gives another image: the comparison above depends on reproducing the script's noise
     other = script_pixels(base, "a photo of a teddy", 2, steps=3, scale=6.0, seed=43)
     assert np.abs(images - other).mean() > 1.0
+
+
+def test_negative_prompt_replaces_the_empty_prompt_of_guidance(tiny_world, tmp_path):
+    """--negative_prompt is the unconditional side of guidance: the images equal the base model sampled in process
+    with that prompt as uncond, differ from the run without it, and the PNG records it."""
+    base_args = ["--steps", "3", "--n_samples", "2", "--prompt", "a photo of a teddy", "--config", INFERENCE_CONFIG,
+                 "--ckpt", str(tiny_world.ckpt), "--H", "32", "--W", "32", "--f", "4"]
+    result = run_txt2img(base_args + ["--negative_prompt", "a red car", "--outdir", str(tmp_path / "neg")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "neg" / "samples" / "00000.png").text["negative_prompt"] == "a red car"
+    base = instantiate_from_config(OmegaConf.load(tiny_world.base_config).model)
+    base.init_from_ckpt(str(tiny_world.ckpt))
+    expected = script_pixels(base.eval(), "a photo of a teddy", 2, steps=3, scale=6.0, negative="a red car")
+    images = png_pixels(tmp_path / "neg" / "samples")
+    assert np.abs(images - expected).max() <= 1.0
+    plain = script_pixels(base, "a photo of a teddy", 2, steps=3, scale=6.0)
+    assert np.abs(images - plain).mean() > 1.0  # the negative prompt changed the guidance
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--negative_prompt", "blurry", "--scale", "1.0"], "scale 1"),
+    (["--negative_prompt", "a blurry {}"], "refers to concept"),
+])
+def test_negative_prompt_errors(tiny_world, tmp_path, extra, message):
+    result = run_txt2img(["--steps", "2", "--n_samples", "1", "--prompt", "a photo of a teddy", "--config",
+                          INFERENCE_CONFIG, "--ckpt", str(tiny_world.ckpt), "--outdir", str(tmp_path), *extra])
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "samples").exists()
