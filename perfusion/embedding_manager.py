@@ -17,15 +17,21 @@ class PlaceholderError(BadValueError):
     """A placeholder or initializer word that the tokenizer does not see as exactly one token."""
 
 
-def single_token_id(encoder, word: str, role: str) -> int:
-    """The id of ``word`` if the encoder's tokenizer makes it exactly one token, else a clear error."""
+def word_token_ids(encoder, word: str) -> list[int]:
+    """The token ids the encoder's tokenizer makes of ``word`` alone (no start/end tokens)."""
     tokens = encoder.tokenize([word])[0].tolist()
-    specials = {encoder.bos_token_id, encoder.eos_token_id, encoder.pad_token_id}
     body = []
     for token in tokens[1:]:
         if token == encoder.eos_token_id:
             break
         body.append(token)
+    return body
+
+
+def single_token_id(encoder, word: str, role: str) -> int:
+    """The id of ``word`` if the encoder's tokenizer makes it exactly one token, else a clear error."""
+    body = word_token_ids(encoder, word)
+    specials = {encoder.bos_token_id, encoder.eos_token_id, encoder.pad_token_id}
     if len(body) != 1 or body[0] in specials:
         raise PlaceholderError(
             f"{role} '{word}' is {len(body)} tokens for this text encoder; it must be exactly one. "
@@ -33,6 +39,17 @@ def single_token_id(encoder, word: str, role: str) -> int:
                "Pick a common one-token word for the super-class (e.g. 'teddy', 'cat', 'dog', 'toy', 'person').")
         )
     return body[0]
+
+
+def superclass_token_ids(encoder, word: str) -> list[int]:
+    """The one or more token ids of a super-class word (e.g. 'birdbath' -> 'bird', 'bath'); a clear error for a
+    word that makes no token or contains a special token."""
+    body = word_token_ids(encoder, word)
+    specials = {encoder.bos_token_id, encoder.eos_token_id, encoder.pad_token_id}
+    if not body or any(token in specials for token in body) or len(word.split()) != 1:
+        raise PlaceholderError(f"initializer word '{word}' must be one word that the tokenizer reads as one or more "
+                               "ordinary tokens (e.g. 'teddy', 'birdbath')")
+    return body
 
 
 class EmbeddingManager(nn.Module):
@@ -60,9 +77,14 @@ class EmbeddingManager(nn.Module):
         ids = [single_token_id(embedder, p, "placeholder") for p in placeholder_strings]
         self.register_buffer("placeholder_token_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         table = embedder.token_embedding.weight
+        # A super-class word of several tokens (docs/method.md, section 6): the placeholder starts at the mean of
+        # its sub-token embeddings, and i_super is read at its last sub-token, which the causal text encoder lets
+        # see the whole word (Perfusion.initialize_targets).
+        self.superclass_token_counts = []
         if initializer_words:
-            init_ids = [single_token_id(embedder, w, "initializer word") for w in initializer_words]
-            initial = table[init_ids].detach().clone().float()
+            init_ids = [superclass_token_ids(embedder, w) for w in initializer_words]
+            self.superclass_token_counts = [len(t) for t in init_ids]
+            initial = torch.stack([table[t].detach().float().mean(dim=0) for t in init_ids])
         else:  # inference: values come from concept files
             initial = torch.zeros(len(ids), table.shape[1])
         self.embeddings = nn.Parameter(initial)

@@ -105,10 +105,15 @@ class Perfusion(LatentDiffusion):
     @torch.no_grad()
     def initialize_targets(self, superclass_prompts: Sequence[str], positions: torch.Tensor,
                            concept_encodings: torch.Tensor) -> None:
-        """First batch, on every rank: i_super (locks o*_K = W_K i_super, initialises o*_V) and i*."""
+        """First batch, on every rank: i_super (locks o*_K = W_K i_super, initialises o*_V) and i*.
+
+        i_super is the super-class caption's encoding at the super-class word's last sub-token: the word starts
+        where the placeholder stands (the captions share the template) and spans n tokens (n > 1 for a word such
+        as 'birdbath'), so it is read at ``positions + n - 1``."""
         tokens = self.tokenize(superclass_prompts)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        superclass_encodings = self.cond_stage_model.encode_tokens(tokens)[rows, positions]
+        last_sub_token = positions + self.embedding_manager.superclass_token_counts[0] - 1
+        superclass_encodings = self.cond_stage_model.encode_tokens(tokens)[rows, last_sub_token]
         self.superclass_input.copy_(self._reduce_mean(superclass_encodings.float().mean(0)))
         self.target_input.copy_(self._reduce_mean(concept_encodings.float().mean(0)))
         for layer in edited_layers(self.model.diffusion_model).values():

@@ -305,6 +305,14 @@ def generate(opt) -> int:
     if concepts:
         model.load_concepts(concepts, beta=betas, tau=taus, placeholders=placeholders)
     superclasses = [c.metadata.get("superclass") or c.metadata["placeholder"] for c in concepts]
+    if opt.global_locking:
+        from perfusion.embedding_manager import word_token_ids
+
+        for path, word in zip(paths, superclasses):
+            if len(word_token_ids(model.cond_stage_model, word)) > 1:
+                raise UsageError(f"--global_locking: the super-class word '{word}' of {path} is several tokens, so "
+                                 "the super-class prompt's tokens do not line up with the concept prompt's; use "
+                                 "local locking (leave out --global_locking)")
     for prompt in [*prompts, opt.negative_prompt]:
         check_prompt_length(model.cond_stage_model, fill_prompt(prompt, placeholders) if concepts else prompt,
                             placeholders)

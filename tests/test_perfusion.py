@@ -127,10 +127,10 @@ def test_sd15_concept_file_is_at_most_64_kb(tmp_path):
     assert size <= 64 * 1024
 
 
-def test_multi_token_initializer_word_is_refused_with_the_word_named(tiny_world):
-    config = tiny_world.perfusion_config(**{
-        "model.params.personalization_config.params.initializer_words": ["teddybearishness"]})
-    with pytest.raises(PlaceholderError, match="teddybearishness.*exactly one"):
+@pytest.mark.parametrize("word", ["teddy bear", "<|endoftext|>"])
+def test_an_initializer_that_is_not_one_word_of_ordinary_tokens_is_refused_with_the_word_named(tiny_world, word):
+    config = tiny_world.perfusion_config(**{"model.params.personalization_config.params.initializer_words": [word]})
+    with pytest.raises(PlaceholderError, match=f"initializer word '{word}' must be one word"):
         instantiate_from_config(config.model)
 
 
@@ -263,3 +263,41 @@ def test_gradient_checkpointing_as_in_the_real_configs_gives_the_same_losses_and
         for g, h in zip(step_grads, step_plain):
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(concept, plain_concept, rtol=1e-4, atol=1e-6)
+
+
+def test_multi_token_superclass_starts_from_the_mean_and_locks_keys_at_its_last_sub_token(tiny_world):
+    """A super-class of several tokens ('birdbath' -> 'bird' 'bath'): the placeholder embedding starts at the mean of
+    the sub-token embeddings, and i_super (hence o*_K = W_K i_super) is the super-class caption's encoding at the
+    last sub-token, which the causal encoder lets see the whole word; the concept trains one step."""
+    config = tiny_world.perfusion_config(**{
+        "model.params.personalization_config.params.initializer_words": ["birdbath"]})
+    model = instantiate_from_config(config.model)
+    encoder = model.cond_stage_model
+    sub_tokens = encoder.tokenize(["birdbath"])[0, 1:3].tolist()
+    assert [encoder.tokenizer.convert_ids_to_tokens(t) for t in sub_tokens] == ["bird", "bath</w>"]
+    assert model.embedding_manager.superclass_token_counts == [2]
+    table = encoder.token_embedding.weight
+    torch.testing.assert_close(model.embedding_manager.embeddings[0], table[sub_tokens].float().mean(0))
+
+    dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
+        "placeholder_token": "*", "superclass": "birdbath", "flip_p": 0.0, "templates": ["a photo of a {}"]}}))
+    batch = default_collate([dataset[i] for i in range(2)])
+    assert batch["caption_superclass"][0] == "a photo of a birdbath"
+    loss, _ = model.shared_step(batch)
+    loss.backward()
+    superclass_tokens = encoder.tokenize(["a photo of a birdbath"])
+    assert superclass_tokens[0, 5:7].tolist() == sub_tokens            # '*' stands at 5 in "a photo of a *"
+    with torch.no_grad():
+        encoded = encoder.encode_tokens(superclass_tokens)[0]
+    torch.testing.assert_close(model.superclass_input, encoded[6].float(), rtol=0, atol=1e-5)
+    assert (model.superclass_input - encoded[5].float()).abs().max() > 1e-3  # not the first sub-token
+    key = next(iter(edited_layers(model.model.diffusion_model, "key").values()))
+    torch.testing.assert_close(key.target_output[0], key.weight.float() @ encoded[6].float(), rtol=0, atol=1e-5)
+    assert model.embedding_manager.embeddings.grad is not None
+
+
+def test_multi_token_placeholder_stays_an_error(tiny_world):
+    config = tiny_world.perfusion_config(**{
+        "model.params.personalization_config.params.placeholder_strings": ["birdbath"]})
+    with pytest.raises(PlaceholderError, match="placeholder 'birdbath' is 2 tokens"):
+        instantiate_from_config(config.model)

@@ -124,8 +124,8 @@ def test_missing_or_empty_mask_names_it(tmp_path, star_data, damage, name):
     assert not basedir.exists() or not any(basedir.iterdir())
 
 
-def test_multi_token_superclass_word_is_named(tmp_path):
-    result, _ = train_star(tmp_path, "model.params.personalization_config.params.initializer_words=[birdbath]")
+def test_multi_token_placeholder_is_named(tmp_path):
+    result, _ = train_star(tmp_path, "model.params.personalization_config.params.placeholder_strings=[birdbath]")
     assert_user_error(result, "birdbath")
 
 
