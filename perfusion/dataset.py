@@ -179,8 +179,11 @@ class PersonalizedBase(Dataset):
     """Images of one concept with their soft masks, for Perfusion training.
 
     Items: ``{"jpg": float32 (size, size, 3) in [-1, 1], "mask": float32 (size, size) in [0, 1],
-    "caption": str, "caption_superclass": str, "path": str}``. ``len`` is the number of images; training length
-    is set by the trainer's ``max_steps``, so ``repeats`` (old configs) is ignored.
+    "caption": str, "caption_superclass": str, "path": str, "latent_key": str}``. ``len`` is the number of images;
+    training length is set by the trainer's ``max_steps``, so ``repeats`` (old configs) is ignored.
+
+    ``latent_key`` names the exact pixels of a deterministic crop (image, box, size, flip), so that the model can
+    encode each such crop once (``cache_latents``); it is empty for a random crop, which is never cached.
 
     Randomness (crop position when ``center_crop=False``, flip, template choice) draws from torch's global RNG:
     main.py seeds it with ``seed_everything(seed, workers=True)``, which also seeds every DataLoader worker (from
@@ -390,6 +393,8 @@ class PersonalizedBase(Dataset):
         flip = bool(torch.rand(()) < self.flip_p) and self.is_train
 
         box = (left, top, left + side, top + side)
+        deterministic_crop = self.center_crop or not self.is_train
+        latent_key = f"{plan.image_path}|{box}|{self.size}|{'flip' if flip else ''}" if deterministic_crop else ""
         target = (self.size, self.size)
         # float64 first: in float32, x / 127.5 - 1 loses ~1e-5 relative accuracy near mid gray.
         pixels = np.asarray(image.resize(target, self.interpolation, box=box), dtype=np.float64)
@@ -407,4 +412,5 @@ class PersonalizedBase(Dataset):
             "caption": template.replace("{}", self.placeholder_token),
             "caption_superclass": template.replace("{}", self.superclass),
             "path": str(plan.image_path),
+            "latent_key": latent_key,
         }

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.diffusion.ddpm import LatentDiffusion, family_of_text_encoder
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 from perfusion.concept_file import (Concept, check_concepts_compatible, check_target_inputs_independent, load_concept,
                                     save_concept)
@@ -50,7 +51,7 @@ class Perfusion(LatentDiffusion):
     def __init__(self, personalization_config, C_inv_path: str | None = None, beta: float = TRAIN_BETA,
                  tau: float = TRAIN_TAU, target_input_momentum: float = 0.99,
                  embedding_learning_rate: float = 0.006, target_output_learning_rate: float = 0.03,
-                 sample_steps: int = 50, sample_scale: float = 6.0, *args, **kwargs):
+                 sample_steps: int = 50, sample_scale: float = 6.0, cache_latents: bool = True, *args, **kwargs):
         super().__init__(*args, **kwargs)  # builds the base model and loads its checkpoint (ckpt_path)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -61,6 +62,9 @@ class Perfusion(LatentDiffusion):
         self.embedding_learning_rate = embedding_learning_rate
         self.target_output_learning_rate = target_output_learning_rate
         self.sample_steps, self.sample_scale = sample_steps, sample_scale
+        # first-stage posterior of each deterministic training crop, by the dataset's latent_key (not saved)
+        self.cache_latents = cache_latents
+        self.latent_cache: dict[str, tuple[bool, torch.Tensor]] = {}
         self.train_beta, self.train_tau = beta, tau
         width = self.cond_stage_model.width
         self.register_buffer("target_input", torch.zeros(width))
@@ -146,10 +150,32 @@ class Perfusion(LatentDiffusion):
             return (self.c_inv @ self.target_input.double()).float()
 
     # ----- training ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def first_stage_posterior(self, x: torch.Tensor, latent_keys: Sequence[str] | None = None):
+        """The first stage's posterior of a batch. With ``cache_latents`` and a key for every row (deterministic
+        crops), each crop is encoded once: a handful of images are seen hundreds of times, and the VAE encoder at
+        512 px costs a sizeable fraction of a UNet forward. The posterior is cached, not a sample of it, so z is
+        still drawn afresh at every step (same RNG use as without the cache)."""
+        if not (self.cache_latents and latent_keys and all(latent_keys)):
+            return self.encode_first_stage(x)
+        missing = [row for row, key in enumerate(latent_keys) if key not in self.latent_cache]
+        if missing:
+            posterior = self.encode_first_stage(x[missing])
+            gaussian = isinstance(posterior, DiagonalGaussianDistribution)
+            parameters = posterior.parameters if gaussian else posterior
+            for index, row in enumerate(missing):
+                self.latent_cache[latent_keys[row]] = (gaussian, parameters[index].detach())
+        cached = [self.latent_cache[key] for key in latent_keys]
+        parameters = torch.stack([tensor for _, tensor in cached]).to(x.device)
+        return DiagonalGaussianDistribution(parameters) if cached[0][0] else parameters
+
+    def on_fit_start(self):
+        self.latent_cache.clear()  # the first stage or the data may have changed since the last fit
+
     def shared_step(self, batch):
         x = self.get_input(batch, self.first_stage_key).to(self.device)
         with torch.no_grad():
-            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+            z = self.get_first_stage_encoding(self.first_stage_posterior(x, batch.get("latent_key"))).detach()
         prompts = list(batch[self.cond_stage_key])
         tokens = self.tokenize(prompts)
         positions = self.embedding_manager.concept_positions(tokens)

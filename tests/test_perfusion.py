@@ -301,3 +301,39 @@ def test_multi_token_placeholder_stays_an_error(tiny_world):
         "model.params.personalization_config.params.placeholder_strings": ["birdbath"]})
     with pytest.raises(PlaceholderError, match="placeholder 'birdbath' is 2 tokens"):
         instantiate_from_config(config.model)
+
+
+def test_cached_latents_give_the_same_loss_and_encode_each_crop_once(tiny_world):
+    config = tiny_world.perfusion_config()
+    model = instantiate_from_config(config.model).train()
+    dataset = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
+        "placeholder_token": "*", "superclass": "teddy", "flip_p": 0.0}}))
+    batch = default_collate([dataset[i] for i in range(2)])
+    assert all(batch["latent_key"]) and len(set(batch["latent_key"])) == 2
+    encoder_calls = []
+    model.first_stage_model.encoder.register_forward_hook(lambda m, i, o: encoder_calls.append(i[0].shape[0]))
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss(cache: bool) -> torch.Tensor:
+        model.load_state_dict(state)  # each step moves i*: start every call from the same state
+        model.cache_latents = cache
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return model.shared_step(batch)[0]
+
+    uncached = loss(False)
+    first, second = loss(True), loss(True)
+    assert uncached.item() > 0 and torch.equal(first, uncached) and torch.equal(second, uncached)
+    # uncached: 2 rows; the cache's first call encodes both rows, its second encodes nothing
+    assert encoder_calls == [2, 2]
+    assert sorted(model.latent_cache) == sorted(batch["latent_key"])
+    # a batch with one new crop encodes that row only; a random crop (empty key) bypasses the cache
+    flipped = dict(batch, latent_key=[batch["latent_key"][0], batch["latent_key"][1] + "+other"])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.shared_step(flipped)
+    assert encoder_calls == [2, 2, 1]
+    random_crops = instantiate_from_config(OmegaConf.merge(config.data.params.train, {"params": {
+        "placeholder_token": "*", "superclass": "teddy", "center_crop": False}}))
+    assert random_crops[0]["latent_key"] == ""
