@@ -305,9 +305,10 @@ class ImageLogger(Callback):
     }
 
     def __init__(self, logdir: str, batch_frequency: int = 25, max_images: int = 4, clamp: bool = True,
-                 log_first_step: bool = False, ddim_steps: int | None = None):
+                 log_first_step: bool = False, ddim_steps: int | None = None, sample: bool = True):
         self.folder = Path(logdir) / "images" / "train"
         self.batch_frequency, self.max_images, self.clamp = batch_frequency, max_images, clamp
+        self.sample = sample  # false: inputs, reconstructions and masks only (validation prompts do the sampling)
         self.log_first_step, self.ddim_steps = log_first_step, ddim_steps
         self.last_logged = -1
 
@@ -320,7 +321,7 @@ class ImageLogger(Callback):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            images = pl_module.log_images(batch, N=self.max_images, ddim_steps=self.ddim_steps)
+            images = pl_module.log_images(batch, N=self.max_images, ddim_steps=self.ddim_steps, sample=self.sample)
         if was_training:
             pl_module.train()
         self.folder.mkdir(parents=True, exist_ok=True)

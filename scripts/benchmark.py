@@ -19,7 +19,14 @@
                  sgm.sampling.sample (plain and with a concept) vs diffusers' StableDiffusionPipeline built from the
                  same checkpoint file; same prompt, noise and steps.
 
-No section flag runs all three. Models have seeded random weights (timings do not depend on their values); each
+--training-extras  What a default Perfusion run (configs/perfusion_teddy.yaml: 400 steps x 4 micro-batches of 4) spends
+                 besides its training steps, from primitives timed in one process at the same size: the VAE encoder
+                 (saved per micro-batch by cached latents), a frozen-UNet forward + backward (one micro-batch), UNet
+                 forwards at the logging batches and the VAE decoder. Logging then costs: validation prompts
+                 (perfusion/validation.py; P prompts x K betas, S guided steps, every N steps) against the previous
+                 default (image logger sampling 4 captions at 50 DDIM steps unguided and guided every 25 steps).
+
+No section flag runs all four. Models have seeded random weights (timings do not depend on their values); each
 measurement runs in its own subprocess, so an out-of-memory kill is reported and the others still run.
 """
 from __future__ import annotations
@@ -57,6 +64,7 @@ TRAIN_MODES = ("full", "perfusion", "floor")
 TRAIN_TIME_GOAL = 0.35        # Perfusion step <= 0.35x full fine-tuning
 UNET_OVERHEAD_GOAL = 0.015    # personalized UNet forward <= 1.5% slower than plain
 SAMPLE_RATIO_GOAL = 1.00      # our full sample <= diffusers' time
+VALIDATION_SHARE_GOAL = 0.10  # validation prompts <= 10% of a default 400-step run
 
 
 def log(message: str) -> None:
@@ -365,7 +373,60 @@ def sample_worker(spec: dict) -> dict:
             "max_abs_image_diff_perfusion_vs_ours": float((images["ours_perfusion"] - images["ours"]).abs().max())}
 
 
-WORKERS = {"train": train_worker, "unet_overhead": unet_overhead_worker, "sample": sample_worker}
+@torch.no_grad()
+def training_extras_worker(spec: dict) -> dict:
+    """Median times of the primitives that the latent cache saves and that logging spends (see --training-extras)."""
+    device, batch, seed, repeats = torch.device(spec["device"]), spec["batch"], spec["seed"], spec["repeats"]
+    latent, width = check_image_size(spec["model"], spec["size"]), config_params(spec["model"]).context_dim
+    model = build(spec["model"], seed).to(device)
+    unet = model.model.diffusion_model
+    generator = torch.Generator().manual_seed(seed + 2)
+    image = (torch.rand(batch, 3, spec["size"], spec["size"], generator=generator) * 2 - 1).to(device)
+
+    def latents(n):
+        return torch.randn(n, 4, latent, latent, generator=generator).to(device)
+
+    def contexts(n, grad=False):
+        return torch.randn(n, 77, width, generator=generator).to(device).requires_grad_(grad)
+
+    def train_micro_batch():
+        with torch.enable_grad():
+            context = contexts(batch, grad=True)
+            loss = F.mse_loss(unet(latents(batch), torch.randint(0, 1000, (batch,)).to(device), context),
+                              latents(batch))
+            loss.backward()
+        return loss
+
+    forward_batches = sorted({2 * spec["prompts"], batch, 2 * batch})
+    operations = {"encode_s": lambda: model.encode_first_stage(image).sample(), "train_micro_batch_s": train_micro_batch,
+                  **{f"decode_{n}_s": (lambda n=n: model.decode_first_stage(latents(n))) for n in (spec["prompts"], batch)},
+                  **{f"unet_forward_{n}_s": (lambda n=n: unet(latents(n), torch.full((n,), 500).to(device), contexts(n)))
+                     for n in forward_batches}}
+    for operation in operations.values():  # warm-up
+        operation()
+    records = interleaved(lambda name: timed(operations[name], device)[0], list(operations), repeats,
+                          f"{MODEL_LABELS[spec['model']]} primitives")
+    t = {name: median(values) for name, values in records.items()}
+    prompts, betas, steps, every, run_steps, micro = (spec[k] for k in ("prompts", "betas", "validation_steps",
+                                                                       "every", "run_steps", "micro_batches"))
+    validation_log_s = betas * (steps * t[f"unet_forward_{2 * prompts}_s"] + t[f"decode_{prompts}_s"])
+    old_log_s = (50 * t[f"unet_forward_{batch}_s"] + 50 * t[f"unet_forward_{2 * batch}_s"]
+                 + 3 * t[f"decode_{batch}_s"] + t["encode_s"])  # two samples, reconstruction, its encoding
+    training_s = run_steps * micro * (t["train_micro_batch_s"] + t["encode_s"])
+    cached_training_s = run_steps * micro * t["train_micro_batch_s"]
+
+    def share(log_s, logs):
+        return logs * log_s / (cached_training_s + logs * log_s)
+
+    return {**t, "all_s": records, "validation_log_s": validation_log_s, "old_image_log_s": old_log_s,
+            "run_training_s": training_s, "run_training_cached_s": cached_training_s,
+            "latent_cache_saving_per_micro_batch": t["encode_s"] / (t["encode_s"] + t["train_micro_batch_s"]),
+            "validation_share": share(validation_log_s, run_steps // every),
+            "old_image_logger_share": share(old_log_s, run_steps // 25)}
+
+
+WORKERS = {"train": train_worker, "unet_overhead": unet_overhead_worker, "sample": sample_worker,
+           "training_extras": training_extras_worker}
 
 
 def run_worker_main(job: str, spec_json: str, result_path: str) -> int:
@@ -533,7 +594,26 @@ def section_sample(args) -> dict:
                        "warmup": 1 if model == "tiny" else args.sample_warmup})
 
 
-SECTIONS = {"train": section_train, "unet_overhead": section_unet_overhead, "sample": section_sample}
+def section_training_extras(args) -> dict:
+    from perfusion.validation import DEFAULT_BETAS, DEFAULT_PROMPTS
+
+    columns = [col("batch", "batch"), col("VAE encode s", "encode_s"), col("train micro-batch s", "train_micro_batch_s"),
+               col("latent cache saves", "latent_cache_saving_per_micro_batch", percent=True),
+               col("validation log s", "validation_log_s", 1), col("validation share", "validation_share", percent=True),
+               col("old image log s", "old_image_log_s", 1),
+               col("old image logger share", "old_image_logger_share", percent=True)]
+    return per_model_section(
+        args, "training_extras", f"A default run's extras: latent cache saving and logging share of "
+        f"400 steps x 4 micro-batches, {args.device}, medians (goal: validation share <= "
+        f"{VALIDATION_SHARE_GOAL:.0%})", VALIDATION_SHARE_GOAL, columns,
+        ("latent_cache_saving_per_micro_batch", "validation_share", "old_image_logger_share"),
+        lambda model: {"batch": args.batch or 4, "repeats": args.tiny_repeats if model == "tiny" else args.repeats,
+                       "prompts": len(DEFAULT_PROMPTS), "betas": len(DEFAULT_BETAS), "validation_steps": 20,
+                       "every": 100, "run_steps": 400, "micro_batches": 4})
+
+
+SECTIONS = {"train": section_train, "unet_overhead": section_unet_overhead, "sample": section_sample,
+            "training_extras": section_training_extras}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -542,6 +622,7 @@ def get_parser() -> argparse.ArgumentParser:
     flag("--train", action="store_true", help="Perfusion vs full fine-tuning vs floor step (time, peak memory)")
     flag("--unet-overhead", action="store_true", help="personalized vs plain UNet forward")
     flag("--sample", action="store_true", help="full DDIM sample: ours vs diffusers' pipeline")
+    flag("--training-extras", action="store_true", help="latent-cache saving and logging share of a default run")
     flag("--tiny", action="store_true", help="tiny models only (seconds; for tests)")
     flag("--size", type=int, default=None, help="image side for SD1.5 (default 256 on CPU, 512 on CUDA)")
     flag("--tiny-size", type=int, default=32, help="image side for the tiny model")

@@ -42,12 +42,12 @@ def tiny_run(tmp_path_factory):
 def test_every_section_prints_a_table_and_a_json_line_with_the_written_ratios(tiny_run):
     stdout, results = tiny_run
     json_lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    assert [line["section"] for line in json_lines] == ["train", "unet_overhead", "sample"]
+    assert [line["section"] for line in json_lines] == ["train", "unet_overhead", "sample", "training_extras"]
     for line in json_lines:
         assert line["ratios"] == results["sections"][line["section"]]["ratios"]
     lines = stdout.splitlines()
-    assert sum(line.startswith("### ") for line in lines) == 3
-    assert sum(line.startswith("|---|") for line in lines) == 3  # one markdown table per section
+    assert sum(line.startswith("### ") for line in lines) == 4
+    assert sum(line.startswith("|---|") for line in lines) == 4  # one markdown table per section
 
 
 def test_train_ratios_compare_perfusion_with_full_fine_tuning_and_the_frozen_unet_floor(tiny_run):
@@ -100,3 +100,17 @@ def test_bad_size_is_refused_naming_the_option(capsys):
         benchmark.main(["--tiny", "--tiny-size", "30"])
     assert exit_info.value.code == 2
     assert "--tiny-size 30" in capsys.readouterr().err
+
+
+def test_training_extras_derive_the_cache_saving_and_logging_shares_from_their_timed_primitives(tiny_run):
+    _, results = tiny_run
+    row = results["sections"]["training_extras"]["rows"][0]
+    assert "error" not in row
+    encode, micro = row["encode_s"], row["train_micro_batch_s"]
+    assert encode > 0 and micro > 0
+    assert row["latent_cache_saving_per_micro_batch"] == pytest.approx(encode / (encode + micro))
+    # 2 prompts x 2 betas, 20 guided steps (a UNet batch of 4) and a decode of 2 per beta
+    assert row["validation_log_s"] == pytest.approx(2 * (20 * row["unet_forward_4_s"] + row["decode_2_s"]))
+    training = 400 * 4 * micro
+    assert row["validation_share"] == pytest.approx(4 * row["validation_log_s"] / (training + 4 * row["validation_log_s"]))
+    assert row["old_image_logger_share"] > row["validation_share"]

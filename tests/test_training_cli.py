@@ -66,6 +66,23 @@ def test_tensorboard_has_the_loss_scalars(training_run):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_simple", "train/embedding_norm"} <= tags
     assert len(events.Scalars("train/loss")) == 4
+    # validation prompts (configs/tiny/perfusion-tiny.yaml: every 2 steps): one grid per log, on disk too
+    assert [e.step for e in events.Images("validation/grid")] == [2, 4]
+
+
+def test_validation_grids_are_written_at_the_configured_steps_and_change_with_training(training_run):
+    import numpy as np
+    from PIL import Image
+
+    _, logdir, _ = training_run
+    grids = sorted((logdir / "images" / "validation").glob("step-*.png"))
+    assert [p.name for p in grids] == ["step-000002.png", "step-000004.png"]
+    first, last = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in grids)
+    # 3 prompts (rows) x 2 betas (columns) of 32-px tiles under a 20-px header, 220-px label column
+    assert first.shape == (20 + 3 * 36, 220 + 2 * 36, 3)
+    tiles = first[20:, 220:]
+    assert tiles.std() > 5  # pictures, not a blank sheet
+    assert np.abs(first - last).max() > 0  # same noise, two steps of training apart
 
 
 def test_resume_continues_the_step_count_and_remembers_where_the_run_belongs(training_run, tmp_path):

@@ -12,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.util import CheckpointError, ConfigError, instantiate_from_config, load_state_dict, validate_config
+from ldm.util import (BadValueError, CheckpointError, ConfigError, MissingFileError, instantiate_from_config,
+                      load_state_dict, validate_config)
 from tests._cli import REPO, assert_user_error, run_cli
 
 STAR = "configs/toy/perfusion_star.yaml"
@@ -289,3 +290,17 @@ def test_bare_train_flag_before_an_override_means_train():
         "--base", "c.yaml", "-t", "True", "model.params.beta=0.7"]
     assert bare_train_flag(["-t", "False", "x=1"]) == ["-t", "False", "x=1"]
     assert bare_train_flag(["-t"]) == ["-t"]
+
+
+def test_validation_prompts_come_from_a_file_and_must_name_the_concept(tmp_path):
+    from perfusion.validation import ValidationPrompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("# my prompts\na photo of a {}\n\na {} in the snow\n")
+    assert ValidationPrompts(prompts_file=str(path)).prompts == ["a photo of a {}", "a {} in the snow"]
+    with pytest.raises(BadValueError, match="must name the concept"):
+        ValidationPrompts(prompts=["a photo of a teddy"])
+    with pytest.raises(MissingFileError, match="nowhere.txt"):
+        ValidationPrompts(prompts_file=str(tmp_path / "nowhere.txt"))
+    with pytest.raises(BadValueError, match="every_n_steps"):
+        ValidationPrompts(every_n_steps=0)
