@@ -380,7 +380,14 @@ def check_model_files(model_config) -> None:
     """Clear errors for missing weights before the (slow) model build."""
     params = model_config.get("params", {})
     ckpt = params.get("ckpt_path")
-    if ckpt and not Path(ckpt).is_file():
+    if ckpt and Path(ckpt).is_dir():
+        from ldm.diffusers_format import diffusers_folder_problem
+        from ldm.util import CheckpointError
+
+        problem = diffusers_folder_problem(ckpt)
+        if problem:
+            raise CheckpointError(f"model.params.ckpt_path: {problem}")
+    elif ckpt and not Path(ckpt).is_file():
         raise MissingFileError(
             f"base checkpoint not found: {ckpt}\n"
             f"Download Stable Diffusion into ./ckpt/: SD 1.5 from {BASE_WEIGHTS_HELP['v1-5']}\n"

@@ -69,7 +69,12 @@ def build_encoder(args):
     torch.manual_seed(args.seed)  # only matters for randomly initialised test encoders
     encoder = instantiate_from_config(config)
     if args.ckpt is not None:
-        load_text_encoder_weights(encoder, load_state_dict(args.ckpt), prefix=args.ckpt_prefix)
+        state = load_state_dict(args.ckpt)
+        if Path(args.ckpt).is_dir():  # a diffusers folder: its SD 2.x text encoder lacks weights ours never uses
+            from ldm.diffusers_format import fill_unused_text_encoder_weights
+
+            fill_unused_text_encoder_weights(state, encoder, prefix=args.ckpt_prefix)
+        load_text_encoder_weights(encoder, state, prefix=args.ckpt_prefix)
     return encoder.to(args.device).eval(), config
 
 
@@ -81,7 +86,8 @@ def parse_args(argv=None):
                         help="clip = SD 1.x CLIP ViT-L/14; openclip = SD 2.x OpenCLIP ViT-H/14 penultimate layer")
     source.add_argument("--config", help="inference yaml; its model.params.cond_stage_config is the encoder")
     source.add_argument("--encoder_config", help=argparse.SUPPRESS)  # yaml with target/params (tests, tiny models)
-    parser.add_argument("--ckpt", help="Stable Diffusion checkpoint holding the text encoder (cond_stage_model.*)")
+    parser.add_argument("--ckpt", help="Stable Diffusion checkpoint holding the text encoder (cond_stage_model.*), "
+                                       "or a diffusers model folder")
     parser.add_argument("--ckpt_prefix", default="cond_stage_model.", help=argparse.SUPPRESS)
     parser.add_argument("--save_path", required=True, help="output .npy (a .json with metadata is written beside it)")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -113,9 +119,15 @@ def check_arguments(args) -> None:
         raise BadValueError(f"--save_path {save}: cannot create the folder {save.parent} ({err.strerror})") from err
     if not os.access(save.parent, os.W_OK):
         raise BadValueError(f"--save_path {save}: the folder {save.parent} is not writable")
+    if args.ckpt is not None and Path(args.ckpt).is_dir():
+        from ldm.diffusers_format import diffusers_folder_problem
+
+        problem = diffusers_folder_problem(args.ckpt)
+        if problem:
+            raise BadValueError(f"--ckpt {args.ckpt}: {problem}")
     for flag in ("ckpt", "config", "encoder_config"):
         value = getattr(args, flag)
-        if value is not None and not Path(value).is_file():
+        if value is not None and not (Path(value).is_file() or (flag == "ckpt" and Path(value).is_dir())):
             raise MissingFileError(f"--{flag} {value}: file not found")
     if args.ckpt is None and not args.encoder_config:
         raise BadValueError(

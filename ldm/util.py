@@ -229,11 +229,20 @@ def diagnose_safetensors(path: str | os.PathLike) -> str:
 def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load the tensors of a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file without executing code.
 
+    A diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``) is read too, its weights renamed to
+    the original checkpoint layout (``ldm.diffusers_format``).
+
     Training checkpoints nest the weights under ``state_dict`` (Lightning) or ``model``; that level is removed.
     Pickles that need
     code execution (anything beyond tensors, containers and plain numbers) are refused, never executed.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        from ldm.diffusers_format import diffusers_folder_problem, is_diffusers_folder, load_diffusers_folder
+
+        if is_diffusers_folder(path):
+            return load_diffusers_folder(path)
+        raise CheckpointError(diffusers_folder_problem(path) or f"{path} is a folder, not a checkpoint")
     if not os.path.isfile(path):
         raise MissingFileError(
             f"checkpoint not found: {path}\n"

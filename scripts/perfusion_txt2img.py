@@ -50,7 +50,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler_config", type=str, default="configs/sampler/sampler.yaml")
     p.add_argument("--denoiser_config", type=str, default="configs/denoiser/denoiser.yaml")
     p.add_argument("--config", type=str, default="configs/perfusion_inference.yaml")
-    p.add_argument("--ckpt", type=str, default="ckpt/v1-5-pruned-emaonly.ckpt", help="base model checkpoint")
+    p.add_argument("--ckpt", type=str, default="ckpt/v1-5-pruned-emaonly.ckpt",
+                   help="base model: a single-file checkpoint (.ckpt/.safetensors) or a diffusers model folder "
+                        "(unet/, vae/, text_encoder/, as written by save_pretrained) of the --config's family")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scale", type=float, default=6.0, help="classifier-free guidance scale")
     p.add_argument("--ddim_eta", type=float, default=0.0)
@@ -259,8 +261,14 @@ def generate(opt) -> int:
     from sgm.sampling import sample
 
     # Everything that can be checked without the model is checked first.
+    if Path(opt.ckpt).is_dir():
+        from ldm.diffusers_format import diffusers_folder_problem
+
+        problem = diffusers_folder_problem(opt.ckpt)
+        if problem:
+            raise UsageError(f"--ckpt {opt.ckpt}: {problem}")
     for flag, path in (("--config", opt.config), ("--ckpt", opt.ckpt)):
-        if not Path(path).is_file():
+        if not (Path(path).is_file() or (flag == "--ckpt" and Path(path).is_dir())):
             hint = (" Download SD weights into ./ckpt/ (see README, 'Where to put weights')." if flag == "--ckpt"
                     else "")
             raise UsageError(f"{flag} {path}: file not found.{hint}")

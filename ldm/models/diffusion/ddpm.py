@@ -243,8 +243,18 @@ class DDPM(pl.LightningModule):
 
     # ----- checkpoints and EMA -----------------------------------------------------------------------------------
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False):
-        """Load an original-layout checkpoint (``.ckpt``/``.safetensors``) without executing pickled code."""
+        """Load an original-layout checkpoint (``.ckpt``/``.safetensors``) or a diffusers model folder (converted
+        to the original layout, checked against this model's family) without executing pickled code."""
+        from ldm.diffusers_format import check_folder_matches_model, fill_unused_text_encoder_weights, \
+            is_diffusers_folder
+
+        folder = is_diffusers_folder(path)
+        if folder:
+            check_folder_matches_model(path, self)
         state = load_state_dict(path)
+        if folder and getattr(self, "cond_stage_model", None) is not None:
+            # weights a diffusers SD 2.x text encoder does not hold and our encoder does not use keep their values
+            fill_unused_text_encoder_weights(state, self.cond_stage_model)
         state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore_keys)}
         target = self.model if only_model else self
         if only_model:

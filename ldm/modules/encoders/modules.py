@@ -421,6 +421,14 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
     def token_embedding(self) -> nn.Embedding:
         return self.model.token_embedding
 
+    def unused_weight_names(self) -> list[str]:
+        """State-dict names of weights ``encode`` never reads: the text projection and logit scale (CLIP's
+        contrastive head) and the blocks after the chosen layer. diffusers' SD 2.x text encoders lack them."""
+        blocks = len(self.model.transformer.resblocks)
+        skipped = [f"model.transformer.resblocks.{i}." for i in range(blocks - self.layer_idx, blocks)]
+        return ["model.text_projection", "model.logit_scale",
+                *[name for name in self.state_dict() if name.startswith(tuple(skipped))]]
+
     def tokenize(self, texts: Sequence[str] | str) -> torch.Tensor:
         """(B, max_length) ids from open_clip's tokenizer: BOS, text, EOS, then zeros."""
         import open_clip
