@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from ldm.util import instantiate_from_config, save_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_CONFIGS = {"sd1": REPO_ROOT / "configs/tiny/sd1-tiny.yaml", "sd2": REPO_ROOT / "configs/tiny/sd2-tiny.yaml"}
+TINY_CONFIGS = {"sd1": REPO_ROOT / "configs/tiny/sd1-tiny.yaml", "sd2": REPO_ROOT / "configs/tiny/sd2-tiny.yaml",
+                "sdxl": REPO_ROOT / "configs/tiny/sdxl-tiny.yaml"}
 
 
 def tiny_config(family: str):

@@ -24,7 +24,7 @@ EMA_OF = (("model_ema", "model"), ("cond_stage_model_ema", "cond_stage_model"))
 @dataclass(frozen=True)
 class BaseFamily:
     """A family of base models: the text-encoder class that tells it, the checkpoint key prefix of that encoder,
-    and the inference config of the family's Perfusion concepts."""
+    and the inference config of the family's Perfusion concepts (empty: Perfusion does not run on it yet)."""
     name: str
     description: str
     text_encoder_class: str
@@ -37,11 +37,13 @@ BASE_FAMILIES = (
                "cond_stage_model.transformer.", "configs/perfusion_inference.yaml"),
     BaseFamily("sd2", "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder)", "FrozenOpenCLIPEmbedder",
                "cond_stage_model.model.", "configs/perfusion_inference_sd_v2.yaml"),
+    BaseFamily("sdxl", "Stable Diffusion XL (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14 text encoders)", "SDXLConditioner",
+               "conditioner.embedders.", ""),
 )
 
 
 def family_of_text_encoder(class_name: str) -> str:
-    """The family name (sd1, sd2) a text-encoder class belongs to; another class names itself."""
+    """The family name (sd1, sd2, sdxl) a text-encoder class belongs to; another class names itself."""
     return next((f.name for f in BASE_FAMILIES if f.text_encoder_class == class_name), class_name)
 
 
@@ -75,7 +77,8 @@ def check_checkpoint_matches(model_state: dict[str, torch.Tensor], ckpt_state: d
     family_differs = model_family and ckpt_family and model_family != ckpt_family
     if family_differs or (model_ctx and ckpt_ctx and model_ctx != ckpt_ctx) or mismatched:
         hint = ("for SD 2.x weights use configs/stable-diffusion/v2-inference.yaml (or a *_sd_v2.yaml Perfusion "
-                "config); for SD 1.x weights use configs/stable-diffusion/v1-inference.yaml")
+                "config); for SD 1.x weights use configs/stable-diffusion/v1-inference.yaml; for SD XL base weights "
+                "use configs/stable-diffusion/sdxl-base.yaml")
         example = ""
         if mismatched:
             k = mismatched[0]
@@ -99,18 +102,25 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(self, x, t, c_concat: Sequence[torch.Tensor] | None = None,
-                c_crossattn: Sequence[torch.Tensor] | None = None):
+                c_crossattn: Sequence[torch.Tensor] | None = None, y: torch.Tensor | None = None):
+        """``y``: the vector condition of UNets built with ``num_classes: sequential`` (SD XL)."""
+        extra = {} if y is None else {"y": y}
         key = self.conditioning_key
         if key is None:
-            return self.diffusion_model(x, t)
+            return self.diffusion_model(x, t, **extra)
         if key in ("concat", "hybrid"):
             x = torch.cat([x, *c_concat], dim=1)
         context = torch.cat(list(c_crossattn), dim=1) if key in ("crossattn", "hybrid") else None
-        return self.diffusion_model(x, t, context=context)
+        return self.diffusion_model(x, t, context=context, **extra)
 
 
 class DDPM(pl.LightningModule):
     """Gaussian diffusion with a noise schedule, eps or v parameterisation, optional EMA."""
+
+    # Checkpoint prefixes of the base model's weights: a checkpoint lacking any of the model's weights under them is
+    # refused by init_from_ckpt. Checkpoint keys that are dropped before loading (constants the model rebuilds).
+    BACKBONE_PREFIXES = BACKBONE_PREFIXES
+    IGNORED_CHECKPOINT_KEYS: tuple[str, ...] = ()
 
     # Keys of the original LDM configs that this implementation does not use (accepted with a warning).
     UNUSED_CONFIG_KEYS = {
@@ -255,14 +265,15 @@ class DDPM(pl.LightningModule):
         if folder and getattr(self, "cond_stage_model", None) is not None:
             # weights a diffusers SD 2.x text encoder does not hold and our encoder does not use keep their values
             fill_unused_text_encoder_weights(state, self.cond_stage_model)
-        state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore_keys)}
+        state = {k: v for k, v in state.items()
+                 if not any(k.startswith(p) for p in ignore_keys) and k not in self.IGNORED_CHECKPOINT_KEYS}
         target = self.model if only_model else self
         if only_model:
             state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         own = target.state_dict()
         check_checkpoint_matches(own, state, path)
         missing, unexpected = target.load_state_dict(state, strict=False)
-        prefixes = ("diffusion_model.",) if only_model else BACKBONE_PREFIXES
+        prefixes = ("diffusion_model.",) if only_model else self.BACKBONE_PREFIXES
         added = self.keys_not_in_base_checkpoint()
         missing_backbone = [k for k in missing if k.startswith(prefixes) and k not in added]
         if missing_backbone:

@@ -1,4 +1,4 @@
-"""The Stable Diffusion UNet (SD 1.x and 2.x configurations), parameter names as in the original checkpoints."""
+"""The Stable Diffusion UNet (SD 1.x, 2.x and XL configurations), parameter names as in the original checkpoints."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -118,13 +118,17 @@ class UNetModel(nn.Module):
     """Conditional UNet of latent diffusion.
 
     SD 1.x: ``num_heads=8``, convolutional proj_in/out. SD 2.x: ``num_head_channels=64``,
-    ``use_linear_in_transformer=True``. Cross-attention context enters through ``context``.
+    ``use_linear_in_transformer=True``. SD XL: as SD 2.x, plus per-level ``transformer_depth`` (e.g. [0, 2, 10] or
+    [1, 2, 10] with ``attention_resolutions: [4, 2]``: no attention at the first level) and a vector condition
+    ``y`` (``num_classes: sequential``, ``adm_in_channels``: pooled text embedding + size embeddings) added to the
+    timestep embedding through ``label_emb``. Cross-attention context enters through ``context``.
     """
 
     # Keys of the original UNet configs that this implementation does not use (accepted with a warning).
     UNUSED_CONFIG_KEYS = {
         "num_heads_upsample": "it only concerns the non-spatial AttentionBlock, which SD does not use",
         "use_new_attention_order": "it only concerns the non-spatial AttentionBlock, which SD does not use",
+        "spatial_transformer_attn_type": "attention always runs through torch's scaled_dot_product_attention",
     }
 
     def __init__(self, image_size, in_channels: int, model_channels: int, out_channels: int,
@@ -135,14 +139,19 @@ class UNetModel(nn.Module):
                  use_spatial_transformer: bool = True, transformer_depth: int | Sequence[int] = 1,
                  context_dim: int | None = None, n_embed=None, legacy: bool = True,
                  disable_self_attentions=None, num_attention_blocks=None, disable_middle_self_attn: bool = False,
-                 use_linear_in_transformer: bool = False):
+                 use_linear_in_transformer: bool = False, adm_in_channels: int | None = None):
         super().__init__()
         if not use_spatial_transformer or context_dim is None:
             raise ValueError("this UNet is the text-conditioned Stable Diffusion UNet: set use_spatial_transformer "
                              "and context_dim")
-        if num_classes is not None or resblock_updown or n_embed is not None or num_attention_blocks is not None:
-            raise NotImplementedError("class-conditional, resblock up/down, codebook and partial-attention UNets "
-                                      "are not part of Stable Diffusion 1.x/2.x")
+        if num_classes not in (None, "sequential"):
+            raise NotImplementedError(f"num_classes={num_classes!r}: only 'sequential' (SD XL's vector condition, "
+                                      "with adm_in_channels) is supported; class-label UNets are not Stable Diffusion")
+        if (num_classes == "sequential") != (adm_in_channels is not None):
+            raise ValueError("num_classes: sequential and adm_in_channels go together (SD XL's vector condition)")
+        if resblock_updown or n_embed is not None or num_attention_blocks is not None:
+            raise NotImplementedError("resblock up/down, codebook and partial-attention UNets are not part of "
+                                      "Stable Diffusion 1.x/2.x/XL")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set num_heads or num_head_channels")
         if isinstance(num_res_blocks, int):
@@ -154,6 +163,7 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.image_size = image_size
+        self.num_classes = num_classes
         self.dtype = torch.float16 if use_fp16 else None  # None: run in the input's precision
         time_embed_dim = model_channels * 4
 
@@ -175,6 +185,9 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
+        if num_classes == "sequential":  # SD XL: the vector condition y joins the timestep embedding
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3,
                                                                            padding=1))])
         skip_channels = [model_channels]
@@ -215,12 +228,19 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
         )
 
-    def forward(self, x, timesteps, context=None, **kwargs):
+    def forward(self, x, timesteps, context=None, y=None, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected UNet arguments: {sorted(kwargs)}")
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("y (the vector condition) must be given exactly when the UNet has num_classes set "
+                             f"(num_classes={self.num_classes!r}, y given: {y is not None})")
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if y is not None:
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"y has batch {y.shape[0]}, x has {x.shape[0]}")
+            emb = emb + self.label_emb(y.to(emb.dtype))
         h = x if self.dtype is None else x.type(self.dtype)
         skips = []
         for block in self.input_blocks:

@@ -351,7 +351,10 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
     arch/version: open_clip model name and pretrained tag (only fetched when ``pretrained=True``; the SD 2.x
         checkpoint already holds the text weights). model_cfg: a custom open_clip model config dict
         (``embed_dim``, ``text_cfg``, optional ``quick_gelu``) used instead of ``arch``'s (tiny test models).
-    layer: "last" (all blocks, then ln_final) or "penultimate" (all but the last block, then ln_final; SD 2.x).
+    layer: "last" (all blocks) or "penultimate" (all but the last block; SD 2.x and XL).
+    legacy: True (SD 2.x): ``ln_final`` is applied to the chosen layer's output; False (SD XL's ViT-bigG encoder):
+        the chosen layer's output is returned as it is. ``encode_tokens_with_pooled`` also gives the pooled, projected
+        embedding (SD XL's vector condition), which always runs all blocks, ``ln_final`` and ``text_projection``.
     """
 
     LAYERS = ("last", "penultimate")
@@ -366,6 +369,7 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         layer: str = "penultimate",
         model_cfg: dict | None = None,
         pretrained: bool = False,
+        legacy: bool = True,
     ):
         super().__init__()
         import open_clip
@@ -375,6 +379,7 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
             raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
         self.arch, self.version, self.device, self.layer = arch, version, device, layer
         self.layer_idx = 0 if layer == "last" else 1  # number of final blocks skipped
+        self.legacy = legacy
 
         cfg = model_cfg if model_cfg is not None else open_clip.get_model_config(arch)
         if cfg is None:
@@ -442,7 +447,10 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
 
         return [_tokenizer.decoder[i] for i in _tokenizer.encode(text)]
 
-    def encode_tokens(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None = None) -> torch.Tensor:
+    def _hidden_states(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None, n_blocks: int
+                       ) -> list[torch.Tensor]:
+        """Outputs (batch first) after ``len(blocks) - k`` blocks for k = layer_idx and, when n_blocks runs
+        further, after all ``n_blocks``: [chosen layer, last run layer] (one entry when they coincide)."""
         model = self.model
         tokens = tokens.to(self.token_embedding.weight.device)
         x = self._embed_tokens(tokens, embedding_hook)
@@ -453,8 +461,30 @@ class FrozenOpenCLIPEmbedder(_FrozenTextEncoder):
         if seq_first:
             x = x.transpose(0, 1)
         blocks = model.transformer.resblocks
-        for block in blocks[: len(blocks) - self.layer_idx]:
+        chosen = len(blocks) - self.layer_idx
+        outputs = []
+        for i, block in enumerate(blocks[:n_blocks]):
             x = block(x, attn_mask=attn_mask)
-        if seq_first:
-            x = x.transpose(0, 1)
-        return model.ln_final(x)
+            if i + 1 == chosen or i + 1 == n_blocks:
+                outputs.append(x.transpose(0, 1) if seq_first else x)
+        return outputs
+
+    def encode_tokens(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None = None) -> torch.Tensor:
+        blocks = len(self.model.transformer.resblocks)
+        x = self._hidden_states(tokens, embedding_hook, blocks - self.layer_idx)[0]
+        return self.model.ln_final(x) if self.legacy else x
+
+    def encode_tokens_with_pooled(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of ``layer`` as ``encode_tokens`` gives them, pooled embedding): the pooled embedding is
+        the final (``ln_final``-normed) state at each sequence's end-of-text token (its largest id, as in CLIP),
+        times ``text_projection``: open_clip's text features, SD XL's pooled text condition."""
+        model = self.model
+        outputs = self._hidden_states(tokens, embedding_hook, len(model.transformer.resblocks))
+        hidden = model.ln_final(outputs[0]) if self.legacy else outputs[0]
+        last = model.ln_final(outputs[-1])
+        eos = tokens.to(last.device).argmax(dim=-1)
+        pooled = last[torch.arange(last.shape[0], device=last.device), eos]
+        projection = model.text_projection
+        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection.to(pooled.dtype)
+        return hidden, pooled

@@ -1,0 +1,113 @@
+"""The conditioning stage of Stable Diffusion XL: two text encoders and the size/crop conditioning.
+
+``SDXLConditioner.embedders`` holds, in the order (and so with the checkpoint names) of ``sd_xl_base_1.0``:
+
+0. CLIP ViT-L/14 (``FrozenCLIPEmbedder``, hidden state after 11 of 12 layers, no final norm): 77 x 768;
+1. OpenCLIP ViT-bigG/14 (``FrozenOpenCLIPEmbedder``, ``legacy=False``): penultimate hidden state 77 x 1280, and the
+   pooled, projected text embedding (1280);
+2.-4. ``SizeEmbedder`` of ``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple`` (each two
+   numbers, height/top first, embedded with 256-dim sinusoidal timestep embeddings: 3 x 2 x 256 = 1536).
+
+``encode`` returns ``{"crossattn": (B, 77, 768 + 1280), "vector": (B, 1280 + 1536)}``: the UNet's cross-attention
+context and its vector condition ``y`` (``adm_in_channels`` = 2816). The keys ``crossattn``/``vector`` are those of
+the original code; the samplers batch such dicts key by key for classifier-free guidance.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ldm.modules.diffusionmodules.util import timestep_embedding
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+TEXT_KEY = "txt"
+
+
+class SizeEmbedder(nn.Module):
+    """(B, D) numbers -> (B, D * dim): each number gets the sinusoidal timestep embedding [cos | sin] of width dim.
+    No parameters (the learned part is the UNet's ``label_emb``)."""
+
+    def __init__(self, dim: int = 256):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if values.dim() != 2:
+            raise ValueError(f"size conditioning must be (batch, numbers), got shape {tuple(values.shape)}")
+        batch = values.shape[0]
+        return timestep_embedding(values.reshape(-1), self.dim).reshape(batch, -1)
+
+
+class SDXLConditioner(nn.Module):
+    """SD XL's text + size conditioning (see the module docstring).
+
+    clip_params / open_clip_params: keyword arguments of the two encoders over SD XL's defaults (tiny test models
+        give ``text_config`` / ``model_cfg`` here). size_embed_dim: width of each number's embedding.
+    original_size / crop_coords_top_left / target_size: (height, width), (top, left) used when ``encode`` is given
+        prompts only (SD XL base: 1024 x 1024 images, no crop).
+    """
+
+    def __init__(self, clip_params: Mapping[str, Any] | None = None, open_clip_params: Mapping[str, Any] | None = None,
+                 size_embed_dim: int = 256, original_size: Sequence[int] = (1024, 1024),
+                 crop_coords_top_left: Sequence[int] = (0, 0), target_size: Sequence[int] = (1024, 1024)):
+        super().__init__()
+        clip = FrozenCLIPEmbedder(**{"layer": "hidden", "layer_idx": 11, **dict(clip_params or {})})
+        open_clip = FrozenOpenCLIPEmbedder(**{"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k",
+                                              "layer": "penultimate", "legacy": False,
+                                              **dict(open_clip_params or {})})
+        if open_clip.legacy:
+            raise ValueError("SD XL's OpenCLIP encoder returns its hidden states without ln_final: legacy=False")
+        self.embedders = nn.ModuleList([clip, open_clip, *(SizeEmbedder(size_embed_dim) for _ in SIZE_KEYS)])
+        self.default_sizes = {key: tuple(int(v) for v in value) for key, value in
+                              zip(SIZE_KEYS, (original_size, crop_coords_top_left, target_size))}
+        for key, value in self.default_sizes.items():
+            if len(value) != 2:
+                raise ValueError(f"{key} must be two numbers, got {value}")
+        self.context_dim = clip.width + open_clip.width
+        self.pooled_dim = int(open_clip.model.text_projection.shape[-1])
+        self.vector_dim = self.pooled_dim + len(SIZE_KEYS) * 2 * size_embed_dim
+
+    @property
+    def text_encoders(self) -> tuple[FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder]:
+        return self.embedders[0], self.embedders[1]
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen, as the text encoders themselves
+
+    def _sizes(self, batch: Mapping[str, Any], n: int, device) -> list[torch.Tensor]:
+        sizes = []
+        for key in SIZE_KEYS:
+            value = batch.get(key, self.default_sizes[key])
+            value = torch.as_tensor(value, dtype=torch.float32, device=device)
+            if value.dim() == 1:
+                value = value.expand(n, -1)
+            if value.shape != (n, 2):
+                raise ValueError(f"{key} must be 2 numbers or ({n}, 2), got shape {tuple(value.shape)}")
+            sizes.append(value)
+        return sizes
+
+    def encode(self, batch: Mapping[str, Any] | Sequence[str] | str, force_zero_text: bool = False
+               ) -> dict[str, torch.Tensor]:
+        """Prompts (str or list) or a dict with ``txt`` and optionally the size keys (two numbers, or (B, 2)) ->
+        ``{"crossattn", "vector"}``. ``force_zero_text``: the text parts are zeros (SD XL's unconditional input for
+        an empty negative prompt, diffusers' ``force_zeros_for_empty_prompt``); the size parts stay."""
+        if isinstance(batch, str) or not isinstance(batch, Mapping):
+            batch = {TEXT_KEY: batch}
+        texts = batch[TEXT_KEY]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        clip, open_clip = self.text_encoders
+        crossattn_clip = clip.encode(texts)
+        crossattn_open, pooled = open_clip.encode_tokens_with_pooled(open_clip.tokenize(texts))
+        crossattn = torch.cat([crossattn_clip, crossattn_open.to(crossattn_clip.dtype)], dim=-1)
+        if force_zero_text:
+            crossattn, pooled = torch.zeros_like(crossattn), torch.zeros_like(pooled)
+        sizes = [embedder(value).to(pooled.dtype) for embedder, value in
+                 zip(self.embedders[2:], self._sizes(batch, len(texts), pooled.device))]
+        return {"crossattn": crossattn, "vector": torch.cat([pooled, *sizes], dim=-1)}
+
+    def forward(self, batch, force_zero_text: bool = False) -> dict[str, torch.Tensor]:
+        return self.encode(batch, force_zero_text=force_zero_text)
