@@ -153,6 +153,10 @@ def _family_description(name) -> str:
 def _check_concept_fits(name: str, concept: Concept, family: str, width: int, embedding_width: int,
                         cross_attentions: "OrderedDict[str, nn.Module]") -> None:
     """The checks of ``Perfusion.load_concepts`` against a pipeline: base model family, text encoder, layer set."""
+    if not concept.has_edit or concept.key_outputs is not None:  # the ablations of docs/method.md section 10
+        kind = "an embedding-only (Textual Inversion)" if not concept.has_edit else "a trained-keys (lock_keys: false)"
+        raise BadValueError(f"concept {name} is {kind} concept; apply_concepts installs key-locked Perfusion concepts "
+                            "only: sample it with scripts/perfusion_txt2img.py")
     trained_on = concept.metadata.get("base_model")
     if trained_on != family:
         raise BadValueError(f"concept {name} was trained on base model {_family_description(trained_on)} but this "

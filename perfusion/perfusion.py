@@ -48,16 +48,27 @@ def text_encoder_name(text_encoder) -> str:
 
 
 class Perfusion(LatentDiffusion):
+    """Perfusion training and inference (module docstring). ``lock_keys: false``, an ablation (docs/method.md
+    section 10): o*_K trains like o*_V (same start W_K i_super, same learning rate) instead of being locked, and the
+    concept file stores it."""
+
+    # False in perfusion.baselines.TextualInversion: the UNet keeps its plain K/V projections
+    edits_cross_attention = True
+
     def __init__(self, personalization_config, C_inv_path: str | None = None, beta: float = TRAIN_BETA,
                  tau: float = TRAIN_TAU, target_input_momentum: float = 0.99,
                  embedding_learning_rate: float = 0.006, target_output_learning_rate: float = 0.03,
-                 sample_steps: int = 50, sample_scale: float = 6.0, cache_latents: bool = True, *args, **kwargs):
+                 sample_steps: int = 50, sample_scale: float = 6.0, cache_latents: bool = True,
+                 lock_keys: bool = True, *args, **kwargs):
         super().__init__(*args, **kwargs)  # builds the base model and loads its checkpoint (ckpt_path)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
         self.edit_state = EditState(beta=beta, tau=tau)
-        swap_cross_attention_projections(self.model.diffusion_model, self.edit_state)
+        self.lock_keys = bool(lock_keys)
+        if self.edits_cross_attention:
+            swap_cross_attention_projections(self.model.diffusion_model, self.edit_state,
+                                             trainable_keys=not self.lock_keys)
         self.target_input_momentum = target_input_momentum
         self.embedding_learning_rate = embedding_learning_rate
         self.target_output_learning_rate = target_output_learning_rate
@@ -205,11 +216,13 @@ class Perfusion(LatentDiffusion):
         return loss
 
     def configure_optimizers(self):
-        values = [layer.target_output for layer in self.value_layers.values()]
-        return torch.optim.AdamW([
-            {"params": [self.embedding_manager.embeddings], "lr": self.embedding_learning_rate},
-            {"params": values, "lr": self.target_output_learning_rate},
-        ])
+        targets = [layer.target_output for layer in self.value_layers.values()]
+        if not self.lock_keys:  # the ablation: o*_K trains like o*_V
+            targets += [layer.target_output for layer in self.key_layers.values()]
+        groups = [{"params": [self.embedding_manager.embeddings], "lr": self.embedding_learning_rate}]
+        if targets:
+            groups.append({"params": targets, "lr": self.target_output_learning_rate})
+        return torch.optim.AdamW(groups)
 
     def on_save_checkpoint(self, checkpoint):
         state = checkpoint["state_dict"]
@@ -246,6 +259,8 @@ class Perfusion(LatentDiffusion):
             c_inv_target_input=self.c_inv_target_input(),
             superclass_input=self.superclass_input,
             metadata=self.concept_metadata(),
+            key_outputs=(None if self.lock_keys else
+                         {name: layer.target_output[0] for name, layer in self.key_layers.items()}),
         )
 
     @torch.no_grad()
@@ -255,33 +270,56 @@ class Perfusion(LatentDiffusion):
         beta, tau: one value or one per concept; default ``inference_gating(K)``.
 
         ``placeholders`` renames the concepts' placeholder strings (needed when two files share one).
+        Trained key outputs (``lock_keys: false`` concepts) replace W_K i_super; an embedding-only (Textual Inversion)
+        concept installs its word and no edit (its beta/tau, if given per concept, are dropped).
         """
         names = [str(c) if not isinstance(c, Concept) else f"concept {i + 1}" for i, c in enumerate(concepts)]
         concepts = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
         check_concepts_compatible(concepts, names)
         check_target_inputs_independent(concepts, names)
         family = base_model_family(self.cond_stage_model)
-        values = self.value_layers
+        values, keys = self.value_layers, self.key_layers
         for name, concept in zip(names, concepts):
             if concept.metadata.get("base_model") != family:
                 raise ValueError(f"{name} was trained on base model '{concept.metadata.get('base_model')}' but "
                                  f"this model is '{family}'; use the matching --config/--ckpt")
-            if list(concept.value_outputs) != list(values):
+            if concept.has_edit and list(concept.value_outputs) != list(values):
                 raise ValueError(f"{name} edits {len(concept.value_outputs)} value layers that do not match this "
                                  f"UNet's {len(values)} cross-attention layers (another architecture?)")
+            if concept.key_outputs is not None and list(concept.key_outputs) != list(keys):
+                raise ValueError(f"{name} has {len(concept.key_outputs)} trained key layers that do not match this "
+                                 f"UNet's {len(keys)} cross-attention layers (another architecture?)")
         placeholders = list(placeholders or [c.metadata["placeholder"] for c in concepts])
         device = self.device
         self.embedding_manager.set_embeddings(torch.stack([c.embedding for c in concepts]).to(device),
                                               placeholders, self.cond_stage_model)
+        # Embedding-only (Textual Inversion) concepts change no layer: the edit holds the other concepts.
+        edited = [k for k, c in enumerate(concepts) if c.has_edit]
+        if not edited:
+            self.edit_state.set_targets(None, None)
+            return concepts
+        concepts_edited = [concepts[k] for k in edited]
         for name, layer in values.items():
-            layer.set_target_outputs(torch.stack([c.value_outputs[name] for c in concepts]).to(device))
-        superclass = torch.stack([c.superclass_input for c in concepts]).to(device)
-        for layer in self.key_layers.values():
-            layer.initialize_targets(superclass)
-        self.edit_state.set_targets(torch.stack([c.target_input for c in concepts]).to(device),
-                                    torch.stack([c.c_inv_target_input for c in concepts]).to(device))
-        default_beta, default_tau = inference_gating(len(concepts))
-        self.edit_state.set_gating(default_beta if beta is None else beta, default_tau if tau is None else tau)
+            layer.set_target_outputs(torch.stack([c.value_outputs[name] for c in concepts_edited]).to(device))
+        superclass = torch.stack([c.superclass_input for c in concepts_edited]).to(device)
+        for name, layer in keys.items():
+            layer.initialize_targets(superclass)  # locked: o*_K = W_K i_super
+            if any(c.key_outputs is not None for c in concepts_edited):  # trained keys (lock_keys: false)
+                dtype = layer.target_output.dtype
+                rows = [layer.target_output[k] if c.key_outputs is None else c.key_outputs[name].to(device, dtype)
+                        for k, c in enumerate(concepts_edited)]
+                layer.set_target_outputs(torch.stack(rows))
+        self.edit_state.set_targets(torch.stack([c.target_input for c in concepts_edited]).to(device),
+                                    torch.stack([c.c_inv_target_input for c in concepts_edited]).to(device))
+        default_beta, default_tau = inference_gating(len(concepts_edited))
+
+        def edited_only(value):  # per-concept lists follow the edited concepts
+            if isinstance(value, (list, tuple)) and len(value) == len(concepts) and len(edited) < len(concepts):
+                return [value[k] for k in edited]
+            return value
+
+        self.edit_state.set_gating(default_beta if beta is None else edited_only(beta),
+                                   default_tau if tau is None else edited_only(tau))
         return concepts
 
     @torch.no_grad()

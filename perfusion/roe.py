@@ -266,14 +266,16 @@ class RankOneEditLinear(nn.Module):
 
     ``weight`` is the original parameter object (same state_dict key, frozen).  ``target_output``
     (K, out) holds o*_k: a trainable ``nn.Parameter`` for role "value", a buffer for role "key"
-    (locked to W_K i_super, never trained).
+    (locked to W_K i_super, never trained).  ``trainable=True`` makes a key's o*_K a parameter too
+    (the ``lock_keys: false`` ablation, docs/method.md section 10); None: trainable for values only.
 
     The projected term W e_perp is computed as ``W_edit e`` with ``W_edit = W - W I^T G^-1 A``
     (``project_onto_targets(W, A, I)``: the adjoint of the projection), made once per
     ``EditState`` change, so a call costs one ordinary matmul plus the K-column gate.
     """
 
-    def __init__(self, linear: nn.Linear, role: str, state: EditState, num_concepts: int = 1):
+    def __init__(self, linear: nn.Linear, role: str, state: EditState, num_concepts: int = 1,
+                 trainable: Optional[bool] = None):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"RankOneEditLinear wraps an nn.Linear, got {type(linear).__name__}")
@@ -288,7 +290,9 @@ class RankOneEditLinear(nn.Module):
         self.weight.requires_grad_(False)
         initial = torch.zeros(num_concepts, self.out_features,
                               dtype=self.weight.dtype, device=self.weight.device)
-        if role == "value":
+        if trainable is None:
+            trainable = role == "value"
+        if trainable:
             self.target_output = nn.Parameter(initial)
         else:
             self.register_buffer("target_output", initial)
@@ -314,7 +318,7 @@ class RankOneEditLinear(nn.Module):
             self.target_output.copy_(values)
         else:
             fresh = values.to(device=self.target_output.device, dtype=self.target_output.dtype).clone()
-            if self.role == "value":
+            if isinstance(self.target_output, nn.Parameter):
                 self.target_output = nn.Parameter(fresh, requires_grad=self.target_output.requires_grad)
             else:
                 self.target_output = fresh      # assigning to a registered buffer name keeps it a buffer
@@ -377,9 +381,11 @@ def _is_cross_attention(name: str, module: nn.Module) -> bool:
     return name.endswith("attn2") and hasattr(module, "to_k") and hasattr(module, "to_v")
 
 
-def swap_cross_attention_projections(unet: nn.Module, state: EditState,
-                                     num_concepts: int = 1) -> "OrderedDict[str, RankOneEditLinear]":
+def swap_cross_attention_projections(unet: nn.Module, state: EditState, num_concepts: int = 1,
+                                     trainable_keys: bool = False) -> "OrderedDict[str, RankOneEditLinear]":
     """Replace to_k (role "key") and to_v (role "value") of every cross-attention of ``unet``.
+
+    ``trainable_keys``: the key layers' o*_K are parameters (trained like o*_V) instead of locked buffers.
 
     Cross-attention modules are those with ``is_cross_attention`` True (fallback: named ``...attn2``).
     Weights are kept as-is.  Idempotent: already-swapped projections are kept (they must share
@@ -400,7 +406,8 @@ def swap_cross_attention_projections(unet: nn.Module, state: EditState,
                                      f"layers of a UNet must share one state")
                 layer = projection
             else:
-                layer = RankOneEditLinear(projection, role, state, num_concepts)
+                layer = RankOneEditLinear(projection, role, state, num_concepts,
+                                          trainable=role == "value" or trainable_keys)
                 setattr(module, attribute, layer)
             swapped[full_name] = layer
     return swapped

@@ -203,3 +203,47 @@ def test_same_concept_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^teddy and again have nearly the same target input i\* \(cosine 1\.0+\).*"
                                          r"given twice\? \(G = A\^T I is singular / not positive definite"):
         check_target_inputs_independent([a, a], ["teddy", "again"])
+
+
+def test_trained_keys_and_embedding_only_concepts_are_version_2_and_round_trip(tmp_path):
+    """The ablations of docs/method.md section 10: trained keys (lock_keys: false) and an embedding-only (Textual
+    Inversion) concept. Plain concepts stay version 1 with the same header entries as before."""
+    plain = tmp_path / "plain.safetensors"
+    value_outputs, vectors = write_sd15(plain, seed=9)
+    raw = plain.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    assert header["__metadata__"]["format_version"] == "1" and "key_layers" not in header["__metadata__"]
+    assert set(header) - {"__metadata__"} == {"value_outputs", "embedding", "target_input", "c_inv_target_input",
+                                               "superclass_input"}
+    concept = load_concept(plain)
+    assert concept.format_version == 1 and concept.key_outputs is None and concept.has_edit
+
+    gen = torch.Generator().manual_seed(10)
+    keys = {name.replace("to_v", "to_k"): torch.randn(v.shape[0], generator=gen) for name, v in value_outputs.items()}
+    trained = tmp_path / "keys.safetensors"
+    save_concept(trained, value_outputs=value_outputs, key_outputs=keys, metadata=sd15_metadata(), **vectors)
+    concept = load_concept(trained)
+    assert concept.format_version == 2 and concept.metadata["lock_keys"] is False
+    assert list(concept.key_outputs) == list(keys) and all(torch.equal(concept.key_outputs[k], v) for k, v in keys.items())
+    assert os.path.getsize(trained) - os.path.getsize(plain) < 12_480 * 4 + 2048  # o*_K as large as o*_V
+    with pytest.raises(ValueError, match="lock_keys"):
+        save_concept(trained, value_outputs=value_outputs, key_outputs=keys, metadata=sd15_metadata(lock_keys=True),
+                     **vectors)
+
+    embedding_only = tmp_path / "ti.safetensors"
+    save_concept(embedding_only, value_outputs={}, embedding=vectors["embedding"],
+                 metadata=sd15_metadata(c_inv_hash=None, method="textual_inversion"))
+    ti = load_concept(embedding_only)
+    assert ti.format_version == 2 and not ti.has_edit and not ti.value_outputs
+    assert torch.equal(ti.embedding, vectors["embedding"])
+    assert ti.target_input is None and ti.c_inv_target_input is None and ti.superclass_input is None
+    assert os.path.getsize(embedding_only) < SD15_DIM * 4 + 1024
+    with pytest.raises(ValueError, match="value_outputs is empty"):
+        save_concept(tmp_path / "bad.safetensors", value_outputs={}, metadata=sd15_metadata(), **vectors)
+    # it combines with edited concepts of any C^-1; the edited ones are still checked among themselves
+    check_concepts_compatible([ti, concept, load_concept(plain)])
+    check_target_inputs_independent([ti, load_concept(plain)])
+    with pytest.raises(ValueError, match="c_inv_hash"):
+        write_sd15(tmp_path / "other.safetensors", seed=11, c_inv_hash="sha256:" + "cd" * 32)
+        check_concepts_compatible([ti, concept, load_concept(tmp_path / "other.safetensors")])
