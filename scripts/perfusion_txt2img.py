@@ -4,8 +4,11 @@
         --n_samples 4 --n_iter 1 --personalized_ckpt ./ckpt/teddy.safetensors --prompt "photo of a {}"
 
 ``{}`` marks the concept in the prompt; with several concept files (``--personalized_ckpt a,b``) use ``{1}``,
-``{2}``, ... Each PNG records prompt, negative prompt, seed, sampler, steps, scale, beta, tau and concept files in its
-metadata.
+``{2}``, ... Each PNG records prompt, negative prompt, seed, sampler, steps, scale, beta, tau (and where they came
+from: flag, concept file or default) and concept files in its metadata.
+
+Without --beta/--tau a concept whose file holds a *selected* beta/tau (scripts/evaluate.py --select-beta, for the
+same locking mode) uses those; any other concept uses the generic defaults.
 """
 from __future__ import annotations
 
@@ -43,8 +46,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-file", dest="from_file", type=str, default=None, help="prompts, one per line")
     p.add_argument("--personalized_ckpt", type=str, default=None, help="concept file(s), comma separated")
     p.add_argument("--beta", type=str, default=None,
-                   help=f"gate bias, one value or one per concept (default {INFERENCE_BETA}; {MULTI_CONCEPT_BETA} for several)")
-    p.add_argument("--tau", type=str, default=None, help=f"gate temperature, one or per concept (default {INFERENCE_TAU})")
+                   help="gate bias, one value or one per concept (default: the value selected for the concept by "
+                        f"scripts/evaluate.py --select-beta if its file holds one, else {INFERENCE_BETA}; "
+                        f"{MULTI_CONCEPT_BETA} for several)")
+    p.add_argument("--tau", type=str, default=None,
+                   help="gate temperature, one or per concept (default: the concept file's selected value if any, "
+                        f"else {INFERENCE_TAU})")
     p.add_argument("--global_locking", action="store_true", help="keys see the super-class prompt")
     p.add_argument("--advanced_sampler", action="store_true", help="use the sgm sampler of --sampler_config")
     p.add_argument("--sampler_config", type=str, default="configs/sampler/sampler.yaml")
@@ -89,6 +96,37 @@ def parse_float_list(text: str | None, name: str, count: int, default: float) ->
         raise UsageError(f"--{name} has {len(values)} values but {count} concept file(s) were given; "
                          f"give one value or one per concept")
     return values
+
+
+def resolve_gating(beta: str | None, tau: str | None, concepts: list, global_locking: bool = False,
+                   names: list[str] | None = None):
+    """(betas, taus, beta_sources, tau_sources), one entry per concept (one entry without concepts).
+
+    A flag wins ("flag"); without it a concept whose file holds a beta/tau selected for it with the same locking
+    mode (perfusion.concept_file.selected_gating) uses that ("concept file"); otherwise the generic default of
+    ``inference_gating(number of concepts)`` ("default"), as before concept files could carry a selection."""
+    from perfusion.concept_file import selected_gating
+
+    k = len(concepts)
+    default_beta, default_tau = inference_gating(k)
+    selected = [selected_gating(c, global_locking) for c in concepts]
+    flags_cover_all = beta is not None and tau is not None
+    for i, concept in enumerate(concepts):
+        if not flags_cover_all and selected[i] is None and selected_gating(concept, not global_locking):
+            name = names[i] if names else f"concept {i + 1}"
+            mode = "without" if global_locking else "with"
+            warnings.warn(f"{name} holds a beta/tau selected {mode} global locking, which this run does not match; "
+                          "the generic defaults apply")
+    results = []
+    for flag, name, default, index in ((beta, "beta", default_beta, 0), (tau, "tau", default_tau, 1)):
+        if flag is not None or not concepts:
+            values = parse_float_list(flag, name, k, default)
+            results.append((values, ["flag" if flag is not None else "default"] * len(values)))
+        else:
+            results.append(([s[index] if s else default for s in selected],
+                            ["concept file" if s else "default" for s in selected]))
+    (betas, beta_sources), (taus, tau_sources) = results
+    return betas, taus, beta_sources, tau_sources
 
 
 def concept_references(prompt: str) -> list[int]:
@@ -188,7 +226,7 @@ def fill_prompt(prompt: str, words: list[str]) -> str:
 
 
 # ----- model ------------------------------------------------------------------------------------------------------
-def make_sampler(opt, model):
+def make_sampler(opt, model, verbose: bool = True):
     """(sampler, denoiser, name): DDIM (--ddim_eta) or PLMS (--plms) on the original timesteps, or the sgm sampler
     of --sampler_config with --denoiser_config (--advanced_sampler), all over the model's own noise schedule."""
     from sgm.sampling import build_sampler_and_denoiser, denoiser_for, original_sampler, schedule_of
@@ -197,20 +235,53 @@ def make_sampler(opt, model):
         sampler, denoiser = build_sampler_and_denoiser(opt.sampler_config, opt.denoiser_config,
                                                        parameterization=model.parameterization,
                                                        num_steps=opt.steps, guidance_scale=opt.scale,
-                                                       device=str(model.device), verbose=True,
+                                                       device=str(model.device), verbose=verbose,
                                                        alphas_cumprod=schedule_of(model))
         denoiser = denoiser.to(model.device)
     else:
         sampler = original_sampler(model, "plms" if opt.plms else "ddim", steps=opt.steps, scale=opt.scale,
-                                   eta=opt.ddim_eta, verbose=True)
+                                   eta=opt.ddim_eta, verbose=verbose)
         denoiser = denoiser_for(model)
     return sampler, denoiser, type(sampler).__name__
+
+
+def check_global_locking_words(model, paths: list[str], superclasses: list[str]) -> None:
+    """Global locking swaps each concept word for its super-class word token by token: one token each."""
+    from perfusion.embedding_manager import word_token_ids
+
+    for path, word in zip(paths, superclasses):
+        if len(word_token_ids(model.cond_stage_model, word)) > 1:
+            raise UsageError(f"--global_locking: the super-class word '{word}' of {path} is several tokens, so "
+                             "the super-class prompt's tokens do not line up with the concept prompt's; use "
+                             "local locking (leave out --global_locking)")
 
 
 def to_images(model, samples) -> list[Image.Image]:
     decoded = model.decode_first_stage(samples.float()).float().clamp(-1, 1)
     arrays = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
+
+
+def encode_prompts(model, prompts: list[str], placeholders: list[str], superclasses: list[str] | None = None,
+                   negative_prompt: str = "", global_locking: bool = False):
+    """(texts, c, uc) for a batch, one row per prompt: ``{}``/``{n}`` filled with the concepts' placeholders (none:
+    the prompts as they are), the conditioning and guidance's unconditional rows (the negative prompt, or empty).
+    With ``global_locking`` the key layers are given each text's super-class prompt; the caller returns to local
+    locking with ``model.set_global_locking(None)`` after sampling."""
+    texts = [fill_prompt(p, placeholders) if placeholders else p for p in prompts]
+    c = model.get_learned_conditioning(texts)
+    negative = fill_prompt(negative_prompt, placeholders) if placeholders else negative_prompt
+    uc = model.get_learned_conditioning([negative] * len(texts))
+    if global_locking:
+        model.set_global_locking(texts, [fill_prompt(p, superclasses) for p in prompts])
+    return texts, c, uc
+
+
+def sample_images(model, c, uc, x_T, sampler, denoiser, generator=None) -> list[Image.Image]:
+    """Sample from the start noise ``x_T`` with ``sampler``/``denoiser`` (make_sampler) and decode to PIL images."""
+    from sgm.sampling import sample
+
+    return to_images(model, sample(model, c, x_T, uc, sampler=sampler, denoiser=denoiser, generator=generator))
 
 
 def png_info(fields: dict) -> PngInfo:
@@ -258,8 +329,6 @@ def fill_image_geometry(opt, config) -> None:
 def generate(opt) -> int:
     from omegaconf import OmegaConf
 
-    from sgm.sampling import sample
-
     # Everything that can be checked without the model is checked first.
     if Path(opt.ckpt).is_dir():
         from ldm.diffusers_format import diffusers_folder_problem
@@ -296,10 +365,7 @@ def generate(opt) -> int:
     check_prompts(prompts, len(paths))
     check_negative_prompt(opt.negative_prompt, opt.scale, len(paths))
     concepts = load_and_check_concepts(paths, config) if paths else []
-    k = len(concepts)
-    default_beta, default_tau = inference_gating(k)
-    betas = parse_float_list(opt.beta, "beta", k, default_beta)
-    taus = parse_float_list(opt.tau, "tau", k, default_tau)
+    betas, taus, beta_sources, tau_sources = resolve_gating(opt.beta, opt.tau, concepts, opt.global_locking, paths)
     if any(t <= 0 for t in taus):
         raise UsageError(f"--tau must be > 0, got {opt.tau}")
     if opt.plms and opt.ddim_eta != 0:
@@ -314,13 +380,7 @@ def generate(opt) -> int:
         model.load_concepts(concepts, beta=betas, tau=taus, placeholders=placeholders)
     superclasses = [c.metadata.get("superclass") or c.metadata["placeholder"] for c in concepts]
     if opt.global_locking:
-        from perfusion.embedding_manager import word_token_ids
-
-        for path, word in zip(paths, superclasses):
-            if len(word_token_ids(model.cond_stage_model, word)) > 1:
-                raise UsageError(f"--global_locking: the super-class word '{word}' of {path} is several tokens, so "
-                                 "the super-class prompt's tokens do not line up with the concept prompt's; use "
-                                 "local locking (leave out --global_locking)")
+        check_global_locking_words(model, paths, superclasses)
     for prompt in [*prompts, opt.negative_prompt]:
         check_prompt_length(model.cond_stage_model, fill_prompt(prompt, placeholders) if concepts else prompt,
                             placeholders)
@@ -339,23 +399,20 @@ def generate(opt) -> int:
     all_images = []
     with torch.no_grad(), autocast:
         for prompt in prompts:
-            text = fill_prompt(prompt, placeholders) if concepts else prompt
-            batch = [text] * opt.n_samples
-            c = model.get_learned_conditioning(batch)
-            negative = fill_prompt(opt.negative_prompt, placeholders) if concepts else opt.negative_prompt
-            uc = model.get_learned_conditioning([negative] * opt.n_samples)
-            if opt.global_locking:
-                model.set_global_locking([text], [fill_prompt(prompt, superclasses)])
+            texts, c, uc = encode_prompts(model, [prompt] * opt.n_samples, placeholders, superclasses,
+                                          opt.negative_prompt, opt.global_locking)
+            text = texts[0]
             for iteration in range(opt.n_iter):
                 x_T = fixed_code if fixed_code is not None else torch.randn((opt.n_samples, *shape),
                                                                             generator=generator, device=device)
-                samples = sample(model, c, x_T, uc, sampler=sampler, denoiser=denoiser, generator=generator)
-                images = to_images(model, samples)
+                images = sample_images(model, c, uc, x_T, sampler, denoiser, generator)
                 fields = {"prompt": prompt, "text": text, "negative_prompt": opt.negative_prompt, "seed": opt.seed,
                           "iteration": iteration,
                           "sampler": sampler_name, "steps": opt.steps, "scale": opt.scale, "eta": opt.ddim_eta,
                           "beta": ",".join(f"{b:g}" for b in betas) if concepts else "",
                           "tau": ",".join(f"{t:g}" for t in taus) if concepts else "",
+                          "beta_source": ",".join(beta_sources) if concepts else "",
+                          "tau_source": ",".join(tau_sources) if concepts else "",
                           "global_locking": opt.global_locking, "concepts": ",".join(paths),
                           "base_checkpoint": opt.ckpt, "size": f"{opt.W}x{opt.H}"}
                 if not opt.skip_save:
