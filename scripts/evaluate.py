@@ -377,7 +377,8 @@ class Sweep:
         self.model = load_model_from_config(config, opt.ckpt, device)
         self.placeholders = distinct_placeholders(concepts)
         self.superclasses = [c.metadata.get("superclass") or c.metadata["placeholder"] for c in concepts]
-        self.model.load_concepts(concepts, placeholders=self.placeholders)
+        if concepts:  # none: a fine-tuned base model sampled with its own words (scripts/toy_claims.py)
+            self.model.load_concepts(concepts, placeholders=self.placeholders)
         for prompt in prompts:
             check_prompt_length(self.model.cond_stage_model, fill_prompt(prompt, self.placeholders),
                                 self.placeholders)
@@ -420,13 +421,18 @@ class Sweep:
         generator = torch.Generator(device=self.device).manual_seed(self.opt.seed + prompt_index)
         return torch.randn((self.opt.n, *self.shape), generator=generator, device=self.device)
 
+    def install(self, beta: float, tau: float) -> None:
+        """Load the concepts with the setting's gate, one beta/tau for all (a subclass may gate per concept)."""
+        if self.concepts:
+            k = len(self.concepts)
+            self.model.load_concepts(self.concepts, beta=[beta] * k, tau=[tau] * k, placeholders=self.placeholders)
+
     @torch.no_grad()
     def run(self, setting, progress=None) -> list[list[Image.Image]]:
         """The setting's images, [prompt][j]: those on disk with a matching record, the rest generated."""
         beta, tau, global_locking = setting
         opt, model = self.opt, self.model
-        k = len(self.concepts)
-        model.load_concepts(self.concepts, beta=[beta] * k, tau=[tau] * k, placeholders=self.placeholders)
+        self.install(beta, tau)
         images = [[self.existing(setting, i, j) for j in range(opt.n)] for i in range(len(self.prompts))]
         jobs = [(i, j) for i, row in enumerate(images) for j, image in enumerate(row) if image is None]
         self.reused += len(images) * opt.n - len(jobs)
