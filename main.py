@@ -30,7 +30,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddpm import BACKBONE_PREFIXES
 from ldm.util import (ConfigError, MissingFileError, UserError, accepted_parameters, atomic_write,
                       check_config_keys, get_obj_from_str, instantiate_from_config, one_line_warnings,
                       validate_config)
@@ -41,6 +40,7 @@ warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the sta
 BASE_WEIGHTS_HELP = {
     "v1-5": "https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.ckpt",
     "v2-1": "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.ckpt",
+    "sdxl": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
 }
 
 
@@ -212,7 +212,9 @@ class BaseModelExport(Callback):
 
         self.dirpath.mkdir(parents=True, exist_ok=True)
         # Network weights in half precision; the noise schedule stays float32 (1 - 4e-5 rounds to 1 in fp16).
-        state = {k: v.to(self.dtype).contiguous() if v.is_floating_point() and k.startswith(BACKBONE_PREFIXES)
+        # the model's own weight prefixes: cond_stage_model.* on SD 1.x/2.x, conditioner.* on SD XL
+        prefixes = tuple(pl_module.BACKBONE_PREFIXES)
+        state = {k: v.to(self.dtype).contiguous() if v.is_floating_point() and k.startswith(prefixes)
                  else v.contiguous() for k, v in pl_module.base_state_dict(use_ema=True).items()}
         path = self.dirpath / f"base-step{step:06d}.safetensors"
         atomic_write(path, lambda temporary: save_file(state, str(temporary), metadata={"global_step": str(step)}))
@@ -391,11 +393,13 @@ def check_model_files(model_config) -> None:
         raise MissingFileError(
             f"base checkpoint not found: {ckpt}\n"
             f"Download Stable Diffusion into ./ckpt/: SD 1.5 from {BASE_WEIGHTS_HELP['v1-5']}\n"
-            f"or SD 2.1 from {BASE_WEIGHTS_HELP['v2-1']}, or set model.params.ckpt_path=<path> on the command line."
+            f"or SD 2.1 from {BASE_WEIGHTS_HELP['v2-1']}\nor SD XL base 1.0 from {BASE_WEIGHTS_HELP['sdxl']},\n"
+            "or set model.params.ckpt_path=<path> on the command line."
         )
     c_inv = params.get("C_inv_path")
     if c_inv and not Path(c_inv).is_file():
-        kind = "openclip" if "OpenCLIP" in str(params.get("cond_stage_config", {}).get("target", "")) else "clip"
+        encoder_target = str(params.get("cond_stage_config", {}).get("target", ""))
+        kind = "sdxl" if "SDXLConditioner" in encoder_target else "openclip" if "OpenCLIP" in encoder_target else "clip"
         raise MissingFileError(
             f"C^-1 file not found: {c_inv}\n"
             f"Make it once per text encoder: python data/estimate_C_inv.py --caption captions.txt --type {kind} "

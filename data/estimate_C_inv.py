@@ -4,8 +4,12 @@
         --ckpt ckpt/v1-5-pruned-emaonly.ckpt --save_path ckpt/C_inv.npy
     python data/estimate_C_inv.py --caption captions.txt --config configs/perfusion_inference_sd_v2.yaml \
         --ckpt ckpt/v2-1_512-ema-pruned.ckpt --save_path ckpt/C_inv_sd_v2.npy
+    python data/estimate_C_inv.py --caption captions.txt --type sdxl \
+        --ckpt ckpt/sd_xl_base_1.0.safetensors --save_path ckpt/C_inv_sdxl.npy
 
-(the paths the training configs read: configs/perfusion_teddy.yaml and configs/perfusion_teddy_sd_v2.yaml)
+(the paths the training configs read: configs/perfusion_teddy.yaml, configs/perfusion_teddy_sd_v2.yaml and
+configs/perfusion_teddy_sdxl.yaml). SD XL: the encoding is the 2048-wide concatenation of its two text encoders'
+states (CLIP ViT-L 768 + OpenCLIP ViT-bigG 1280), what its cross-attention layers see, so C^-1 is 2048 x 2048.
 
 C = (1/N) sum e e^T over REAL token positions only: the start token through the first EOS, inclusive
 (padding excluded; why, and the maths, in perfusion/covariance.py). This file is the command line: arguments,
@@ -32,7 +36,11 @@ ENCODER_TARGETS = {
         "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
         "params": {"layer": "penultimate"},
     },
+    "sdxl": {"target": "ldm.modules.encoders.conditioner.SDXLConditioner", "params": {}},
 }
+# Checkpoint prefix of the text encoder(s), by encoder class: SD XL's live under conditioner.*
+CKPT_PREFIXES = {"SDXLConditioner": "conditioner."}
+DEFAULT_CKPT_PREFIX = "cond_stage_model."
 
 
 def read_captions(path: str | Path, n_captions: int | None = None) -> list[str]:
@@ -69,6 +77,8 @@ def build_encoder(args):
     torch.manual_seed(args.seed)  # only matters for randomly initialised test encoders
     encoder = instantiate_from_config(config)
     if args.ckpt is not None:
+        if args.ckpt_prefix is None:
+            args.ckpt_prefix = CKPT_PREFIXES.get(config["target"].rsplit(".", 1)[-1], DEFAULT_CKPT_PREFIX)
         state = load_state_dict(args.ckpt)
         if Path(args.ckpt).is_dir():  # a diffusers folder: its SD 2.x text encoder lacks weights ours never uses
             from ldm.diffusers_format import fill_unused_text_encoder_weights
@@ -83,12 +93,13 @@ def parse_args(argv=None):
     parser.add_argument("--caption", required=True, help="text file, one caption per line (e.g. 100K LAION captions)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--type", choices=sorted(ENCODER_TARGETS), default="clip",
-                        help="clip = SD 1.x CLIP ViT-L/14; openclip = SD 2.x OpenCLIP ViT-H/14 penultimate layer")
+                        help="clip = SD 1.x CLIP ViT-L/14; openclip = SD 2.x OpenCLIP ViT-H/14 penultimate layer; "
+                             "sdxl = SD XL's CLIP ViT-L/14 + OpenCLIP ViT-bigG/14 (2048 wide)")
     source.add_argument("--config", help="inference yaml; its model.params.cond_stage_config is the encoder")
     source.add_argument("--encoder_config", help=argparse.SUPPRESS)  # yaml with target/params (tests, tiny models)
     parser.add_argument("--ckpt", help="Stable Diffusion checkpoint holding the text encoder (cond_stage_model.*), "
                                        "or a diffusers model folder")
-    parser.add_argument("--ckpt_prefix", default="cond_stage_model.", help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt_prefix", default=None, help=argparse.SUPPRESS)  # default: by encoder class
     parser.add_argument("--save_path", required=True, help="output .npy (a .json with metadata is written beside it)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--n_captions", type=int, default=None, help="use the first N captions (default: all)")

@@ -26,7 +26,7 @@ from ldm.util import BadValueError, MissingFileError
 HOW_TO_MAKE = (
     "Make one with: python data/estimate_C_inv.py --caption captions.txt --type clip "
     "--ckpt ckpt/v1-5-pruned-emaonly.ckpt --save_path ckpt/C_inv_sd1.npy "
-    "(--type openclip with an SD 2.x checkpoint for SD 2.x)."
+    "(--type openclip with an SD 2.x checkpoint for SD 2.x, --type sdxl with sd_xl_base_1.0.safetensors for SD XL)."
 )
 SYMMETRY_RTOL = 1e-5  # inverting in float32 leaves asymmetries around 1e-7 relative; anything larger is wrong
 RCOND = 1e-12  # smallest eigenvalue of C accepted when estimating, relative to the largest
@@ -144,7 +144,8 @@ def load_c_inv(path: str | os.PathLike, expected_dim: int | None = None) -> torc
     if expected_dim is not None and matrix.shape[0] != expected_dim:
         raise BadValueError(
             f"{path}: C^-1 is {matrix.shape[0]}x{matrix.shape[0]} but the text encoder has width {expected_dim} "
-            "(768 for SD 1.x CLIP, 1024 for SD 2.x OpenCLIP). Use the file made for this text encoder."
+            "(768 for SD 1.x CLIP, 1024 for SD 2.x OpenCLIP, 2048 for SD XL's two encoders). Use the file made for "
+            "this text encoder."
         )
     if not np.isfinite(matrix).all():
         raise BadValueError(f"{path}: C^-1 contains NaN or infinite values. {HOW_TO_MAKE}")

@@ -19,7 +19,8 @@ class PlaceholderError(BadValueError):
 
 def word_token_ids(encoder, word: str) -> list[int]:
     """The token ids the encoder's tokenizer makes of ``word`` alone (no start/end tokens)."""
-    tokens = encoder.tokenize([word])[0].tolist()
+    with torch.device("cpu"):  # token ids are data, also when the model is built on the meta device
+        tokens = encoder.tokenize([word])[0].tolist()
     body = []
     for token in tokens[1:]:
         if token == encoder.eos_token_id:
@@ -120,3 +121,79 @@ class EmbeddingManager(nn.Module):
         self.embeddings = nn.Parameter(embeddings.detach().clone().to(self.embeddings.device).float(),
                                        requires_grad=self.embeddings.requires_grad)
         self.active = True
+
+
+class SDXLEmbeddingManager(nn.Module):
+    """SD XL: the placeholder is one token for each of the two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), so
+    it has two learned embeddings (768 and 1280 wide), both trained; one ``EmbeddingManager`` per encoder.
+
+    ``embedder`` is an ``SDXLConditioner``; it calls ``encoder_hooks`` (CLIP's manager, OpenCLIP's) on the token
+    embeddings of its encoders. ``embeddings`` is their concatenation (K, 768 + 1280), the form concept files store
+    (``embedding_widths`` splits it); the parameters the optimizer trains are the two managers' own.
+    """
+
+    def __init__(self, embedder, placeholder_strings: Sequence[str] = ("*",),
+                 initializer_words: Sequence[str] = (), num_vectors_per_token: int = 1):
+        super().__init__()
+        encoders = getattr(embedder, "text_encoders", None)
+        if encoders is None or len(encoders) != 2:
+            raise BadValueError("SDXLEmbeddingManager needs SD XL's conditioner (two text encoders); for SD 1.x/2.x "
+                                "use perfusion.embedding_manager.EmbeddingManager")
+        self.managers = nn.ModuleList([EmbeddingManager(encoder, placeholder_strings, initializer_words,
+                                                        num_vectors_per_token) for encoder in encoders])
+        self._check_same_tokens(encoders)
+
+    def _check_same_tokens(self, encoders) -> None:
+        """Both tokenizers must read the placeholders (and super-class words) alike: one grid of positions."""
+        first, second = self.managers
+        ids = [[single_token_id(encoder, p, "placeholder") for p in first.placeholder_strings] for encoder in encoders]
+        if ids[0] != ids[1] or first.superclass_token_counts != second.superclass_token_counts:
+            raise PlaceholderError(f"the two SD XL tokenizers read the placeholders {first.placeholder_strings} or "
+                                   "their super-class words differently; pick other strings")
+
+    # the EmbeddingManager interface Perfusion uses ------------------------------------------------------------------
+    @property
+    def encoder_hooks(self) -> tuple[EmbeddingManager, EmbeddingManager]:
+        return self.managers[0], self.managers[1]
+
+    @property
+    def embedding_widths(self) -> list[int]:
+        return [int(m.embeddings.shape[1]) for m in self.managers]
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """(K, 768 + 1280): CLIP's embedding followed by OpenCLIP's (differentiable)."""
+        return torch.cat([m.embeddings for m in self.managers], dim=1)
+
+    @property
+    def placeholder_strings(self) -> list[str]:
+        return self.managers[0].placeholder_strings
+
+    @property
+    def initializer_words(self) -> list[str]:
+        return self.managers[0].initializer_words
+
+    @property
+    def superclass_token_counts(self) -> list[int]:
+        return self.managers[0].superclass_token_counts
+
+    @property
+    def active(self) -> bool:
+        return self.managers[0].active
+
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        raise TypeError("SDXLEmbeddingManager is applied per text encoder through encoder_hooks (SDXLConditioner)")
+
+    def concept_positions(self, tokens: torch.Tensor, index: int = 0) -> torch.Tensor:
+        return self.managers[0].concept_positions(tokens, index)
+
+    @torch.no_grad()
+    def set_embeddings(self, embeddings: torch.Tensor, placeholder_strings: Sequence[str], embedder) -> None:
+        """(K, 768 + 1280) concatenated embeddings (as concept files store them) -> each encoder's part."""
+        widths = self.embedding_widths
+        if embeddings.shape[-1] != sum(widths):
+            raise BadValueError(f"SD XL concept embeddings are {sum(widths)} wide ({' + '.join(map(str, widths))}), "
+                                f"got {embeddings.shape[-1]}")
+        for manager, encoder, part in zip(self.managers, embedder.text_encoders, embeddings.split(widths, dim=-1)):
+            manager.set_embeddings(part, placeholder_strings, encoder)
+        self._check_same_tokens(embedder.text_encoders)

@@ -2,9 +2,13 @@
 key-locked, gated rank-one edits (perfusion/roe.py); trains the concept word embedding and o*_V.
 
 Method: docs/method.md (sections 3 "Key-locking", 5 "Multiple concepts", 6 "Training"; the paper's Eq. 3 for the edit).
+
+``Perfusion`` runs on SD 1.x / 2.x (one text encoder); ``PerfusionXL`` on SD XL (two text encoders, 2048-wide
+context, the vector condition): see its docstring.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
 
@@ -12,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.diffusion.ddpm import LatentDiffusion, family_of_text_encoder
+from ldm.models.diffusion.sdxl import LatentDiffusionXL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 from perfusion.concept_file import (Concept, check_concepts_compatible, check_target_inputs_independent, load_concept,
                                     save_concept)
 from perfusion.covariance import c_inv_hash, load_c_inv
@@ -110,6 +115,17 @@ class Perfusion(LatentDiffusion):
         """Encode prompts with the learned placeholder embeddings inserted."""
         return self.cond_stage_model.encode_tokens(self.tokenize(prompts), embedding_hook=self.embedding_manager)
 
+    def text_context(self, prompts: Sequence[str], with_concepts: bool = True) -> torch.Tensor:
+        """The cross-attention context (B, L, D) of prompts, what the edited K/V layers see; ``with_concepts``: with
+        the learned placeholder embeddings inserted."""
+        hook = self.embedding_manager if with_concepts else None
+        return self.cond_stage_model.encode_tokens(self.tokenize(prompts), embedding_hook=hook)
+
+    def training_conditioning(self, tokens: torch.Tensor, batch, x: torch.Tensor):
+        """(the UNet's conditioning, its cross-attention context (B, L, D)) for a training batch's tokens."""
+        c = self.cond_stage_model.encode_tokens(tokens, embedding_hook=self.embedding_manager)
+        return c, c
+
     def _reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean over data-parallel ranks, so that every rank holds the same concept statistics."""
         trainer = self._trainer
@@ -190,9 +206,9 @@ class Perfusion(LatentDiffusion):
         prompts = list(batch[self.cond_stage_key])
         tokens = self.tokenize(prompts)
         positions = self.embedding_manager.concept_positions(tokens)
-        c = self.cond_stage_model.encode_tokens(tokens, embedding_hook=self.embedding_manager)
-        rows = torch.arange(c.shape[0], device=c.device)
-        concept_encodings = c[rows, positions].detach()
+        c, context = self.training_conditioning(tokens, batch, x)
+        rows = torch.arange(context.shape[0], device=context.device)
+        concept_encodings = context[rows, positions].detach()
         if not bool(self.targets_initialized):
             self.initialize_targets(list(batch["caption_superclass"]), positions, concept_encodings)
         self.update_target_input(concept_encodings)
@@ -219,7 +235,7 @@ class Perfusion(LatentDiffusion):
         targets = [layer.target_output for layer in self.value_layers.values()]
         if not self.lock_keys:  # the ablation: o*_K trains like o*_V
             targets += [layer.target_output for layer in self.key_layers.values()]
-        groups = [{"params": [self.embedding_manager.embeddings], "lr": self.embedding_learning_rate}]
+        groups = [{"params": list(self.embedding_manager.parameters()), "lr": self.embedding_learning_rate}]
         if targets:
             groups.append({"params": targets, "lr": self.target_output_learning_rate})
         return torch.optim.AdamW(groups)
@@ -334,8 +350,8 @@ class Perfusion(LatentDiffusion):
         if superclass_prompts is None or len(superclass_prompts) != len(prompts):
             raise ValueError("set_global_locking needs one super-class prompt per prompt")
         pairs = list(dict.fromkeys(zip(prompts, superclass_prompts)))
-        self.edit_state.set_global_locking(self.get_learned_conditioning([p for p, _ in pairs]),
-                                           self.cond_stage_model.encode([s for _, s in pairs]))
+        self.edit_state.set_global_locking(self.text_context([p for p, _ in pairs]),
+                                           self.text_context([s for _, s in pairs], with_concepts=False))
 
     # ----- images for the logger ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -350,3 +366,47 @@ class Perfusion(LatentDiffusion):
             n = log["inputs"].shape[0]
             log["mask"] = batch["mask"][:n, None].to(self.device).float().mul(2).sub(1).expand(-1, 3, -1, -1)
         return log
+
+
+class PerfusionXL(Perfusion, LatentDiffusionXL):
+    """Perfusion on SD XL (docs/method.md section 11). The method is unchanged; only the text side differs:
+
+    * the placeholder is one token for each tokenizer, with two learned embeddings (768 + 1280), both trained
+      (``perfusion.embedding_manager.SDXLEmbeddingManager``);
+    * i* and i_super are the 2048-wide concatenated encodings (CLIP's and OpenCLIP's hidden states at the
+      placeholder's / super-class word's position), C^-1 is 2048 x 2048 (``data/estimate_C_inv.py --type sdxl``),
+      and the 70 cross-attention layers are key-locked and value-edited as on SD 1.x/2.x;
+    * the conditioning is SD XL's dict ``{"crossattn", "vector"}``; the vector (pooled OpenCLIP embedding, which
+      sees the learned embedding too, and the size/crop numbers) reaches the UNet's ``label_emb``, not the edited
+      K/V layers. Training conditions on original size = target size = the training image's, crop (0, 0).
+
+    Concept files record ``base_model: sdxl`` (and ``embedding_widths``); SD 1.x/2.x models refuse them and this
+    model refuses theirs.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not hasattr(self.embedding_manager, "encoder_hooks"):
+            raise ConfigError("PerfusionXL: model.params.personalization_config.target must be "
+                              "perfusion.embedding_manager.SDXLEmbeddingManager (one embedding per text encoder)")
+
+    def get_learned_conditioning(self, c, force_zero_text: bool = False) -> dict[str, torch.Tensor]:
+        """Prompts, or a dict with ``txt`` and size keys (SDXLConditioner.encode) -> ``{"crossattn", "vector"}``,
+        with the learned placeholder embeddings inserted."""
+        sizes = {}
+        if isinstance(c, Mapping):
+            sizes = {k: v for k, v in c.items() if k != "txt"}
+            c = c["txt"]
+        prompts = [c] if isinstance(c, str) else list(c)
+        return self.cond_stage_model.encode_tokens_to_cond(self.tokenize(prompts), embedding_hook=self.embedding_manager,
+                                                           sizes=sizes, force_zero_text=force_zero_text)
+
+    def training_conditioning(self, tokens: torch.Tensor, batch, x: torch.Tensor):
+        height, width = (int(v) for v in x.shape[-2:])
+        sizes = {"original_size_as_tuple": (height, width), "crop_coords_top_left": (0, 0),
+                 "target_size_as_tuple": (height, width)}
+        c = self.cond_stage_model.encode_tokens_to_cond(tokens, embedding_hook=self.embedding_manager, sizes=sizes)
+        return c, c["crossattn"]
+
+    def concept_metadata(self) -> dict:
+        return {**super().concept_metadata(), "embedding_widths": self.embedding_manager.embedding_widths}

@@ -9,6 +9,10 @@ from: flag, concept file or default) and concept files in its metadata.
 
 Without --beta/--tau a concept whose file holds a *selected* beta/tau (scripts/evaluate.py --select-beta, for the
 same locking mode) uses those; any other concept uses the generic defaults.
+
+SD XL (``--config configs/perfusion_inference_sdxl.yaml --ckpt ckpt/sd_xl_base_1.0.safetensors``): the same flags;
+``--original_size`` / ``--target_size`` set the size conditioning (default: the image size, crop (0, 0)); the
+unconditional side of guidance is the empty prompt's encoding (or the negative prompt's).
 """
 from __future__ import annotations
 
@@ -71,6 +75,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--W", type=int, default=None, help="image width (default: the config's image size)")
     p.add_argument("--C", type=int, default=None, help="latent channels (default: the config's)")
     p.add_argument("--f", type=int, default=None, help="downsampling factor of the autoencoder (default: the config's)")
+    p.add_argument("--original_size", type=str, default=None,
+                   help="SD XL only: the size conditioning original_size as H,W (default: --H,--W)")
+    p.add_argument("--target_size", type=str, default=None,
+                   help="SD XL only: the size conditioning target_size as H,W (default: --H,--W)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--fixed_code", action="store_true", help="same start noise for every iteration")
     p.add_argument("--outdir", type=str, default="outputs/txt2img-samples")
@@ -263,15 +271,20 @@ def to_images(model, samples) -> list[Image.Image]:
 
 
 def encode_prompts(model, prompts: list[str], placeholders: list[str], superclasses: list[str] | None = None,
-                   negative_prompt: str = "", global_locking: bool = False):
+                   negative_prompt: str = "", global_locking: bool = False, sizes: dict | None = None):
     """(texts, c, uc) for a batch, one row per prompt: ``{}``/``{n}`` filled with the concepts' placeholders (none:
     the prompts as they are), the conditioning and guidance's unconditional rows (the negative prompt, or empty).
     With ``global_locking`` the key layers are given each text's super-class prompt; the caller returns to local
-    locking with ``model.set_global_locking(None)`` after sampling."""
+    locking with ``model.set_global_locking(None)`` after sampling. ``sizes``: SD XL's size conditioning
+    (``size_conditioning``), for both c and uc; None: the model's defaults (SD 1.x/2.x have none)."""
     texts = [fill_prompt(p, placeholders) if placeholders else p for p in prompts]
-    c = model.get_learned_conditioning(texts)
     negative = fill_prompt(negative_prompt, placeholders) if placeholders else negative_prompt
-    uc = model.get_learned_conditioning([negative] * len(texts))
+    if sizes:
+        c = model.get_learned_conditioning({"txt": texts, **sizes})
+        uc = model.get_learned_conditioning({"txt": [negative] * len(texts), **sizes})
+    else:
+        c = model.get_learned_conditioning(texts)
+        uc = model.get_learned_conditioning([negative] * len(texts))
     if global_locking:
         model.set_global_locking(texts, [fill_prompt(p, superclasses) for p in prompts])
     return texts, c, uc
@@ -308,6 +321,32 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def parse_size(text: str | None, name: str, default: tuple[int, int]) -> tuple[int, int]:
+    if text is None:
+        return default
+    try:
+        height, width = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--{name} '{text}': give height,width, e.g. --{name} 1024,1024") from None
+    if height < 1 or width < 1:
+        raise UsageError(f"--{name} '{text}': sizes must be positive")
+    return height, width
+
+
+def size_conditioning(opt, config) -> dict | None:
+    """SD XL's size conditioning: original size and target size (default: the image size, --H/--W), crop (0, 0).
+    None for SD 1.x/2.x, which refuse --original_size / --target_size."""
+    if config_family(config) != "sdxl":
+        for name in ("original_size", "target_size"):
+            if getattr(opt, name, None) is not None:
+                raise UsageError(f"--{name} is SD XL's size conditioning; {opt.config} is not an SD XL config")
+        return None
+    image = (opt.H, opt.W)
+    return {"original_size_as_tuple": parse_size(getattr(opt, "original_size", None), "original_size", image),
+            "crop_coords_top_left": (0, 0),
+            "target_size_as_tuple": parse_size(getattr(opt, "target_size", None), "target_size", image)}
 
 
 def fill_image_geometry(opt, config) -> None:
@@ -361,6 +400,7 @@ def generate(opt) -> int:
     fill_image_geometry(opt, config)
     if opt.H % opt.f or opt.W % opt.f:
         raise UsageError(f"--H {opt.H} and --W {opt.W} must be multiples of --f {opt.f}")
+    sizes = size_conditioning(opt, config)
     paths = [p.strip() for p in opt.personalized_ckpt.split(",") if p.strip()] if opt.personalized_ckpt else []
     check_prompts(prompts, len(paths))
     check_negative_prompt(opt.negative_prompt, opt.scale, len(paths))
@@ -400,7 +440,7 @@ def generate(opt) -> int:
     with torch.no_grad(), autocast:
         for prompt in prompts:
             texts, c, uc = encode_prompts(model, [prompt] * opt.n_samples, placeholders, superclasses,
-                                          opt.negative_prompt, opt.global_locking)
+                                          opt.negative_prompt, opt.global_locking, sizes)
             text = texts[0]
             for iteration in range(opt.n_iter):
                 x_T = fixed_code if fixed_code is not None else torch.randn((opt.n_samples, *shape),
@@ -415,6 +455,9 @@ def generate(opt) -> int:
                           "tau_source": ",".join(tau_sources) if concepts else "",
                           "global_locking": opt.global_locking, "concepts": ",".join(paths),
                           "base_checkpoint": opt.ckpt, "size": f"{opt.W}x{opt.H}"}
+                if sizes:
+                    fields.update({"original_size": "{},{}".format(*sizes["original_size_as_tuple"]),
+                                   "target_size": "{},{}".format(*sizes["target_size_as_tuple"])})
                 if not opt.skip_save:
                     for image in images:
                         image.save(sample_dir / f"{base_count:05d}.png", pnginfo=png_info(fields))

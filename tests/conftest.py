@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 class TinyWorld:
     """A tiny SD1-structured base checkpoint, the C^-1 of its text encoder, and a toy concept folder."""
 
-    def __init__(self, root: Path, family: str = "sd1"):
+    def __init__(self, root: Path, family: str = "sd1", c_inv_captions: int = 300):
         from tests._tiny_models import write_tiny_checkpoint
         from tests._tiny_concept import write_toy_c_inv, write_toy_concept_images
 
@@ -22,15 +22,21 @@ class TinyWorld:
         self.family = family
         self.ckpt = root / f"tiny-{family}.safetensors"
         self.base_model = write_tiny_checkpoint(self.ckpt, family, seed=11)
-        self.c_inv = write_toy_c_inv(self.base_model.cond_stage_model, root / f"C_inv_{family}.npy")
+        self.c_inv_captions = c_inv_captions
+        self.c_inv = write_toy_c_inv(self.base_model.cond_stage_model, root / f"C_inv_{family}.npy",
+                                     n_captions=c_inv_captions)
         self.data_root = root / "teddy"
         write_toy_concept_images(self.data_root, n=4, size=32, seed=5)
         self.base_config = Path(f"configs/tiny/{family}-tiny.yaml")
+        # SD XL: Perfusion's SD XL class and embedding manager on top of the generic tiny Perfusion settings
+        self.perfusion_overlays = ["configs/tiny/perfusion-tiny.yaml"] + (
+            ["configs/tiny/perfusion-sdxl-tiny.yaml"] if family == "sdxl" else [])
 
     def perfusion_config(self, **overrides):
         from omegaconf import OmegaConf
 
-        config = OmegaConf.merge(OmegaConf.load(self.base_config), OmegaConf.load("configs/tiny/perfusion-tiny.yaml"))
+        config = OmegaConf.merge(OmegaConf.load(self.base_config),
+                                 *(OmegaConf.load(path) for path in self.perfusion_overlays))
         config.model.params.ckpt_path = str(self.ckpt)
         config.model.params.C_inv_path = str(self.c_inv)
         config.data.params.train.params.data_root = str(self.data_root)
@@ -51,3 +57,9 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_world_sd2(tmp_path_factory):
     return TinyWorld(tmp_path_factory.mktemp("tiny_world_sd2"), family="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_world_sdxl(tmp_path_factory):
+    # 150 captions: ~1,650 real-token vectors for the tiny model's 1280-wide context (C^-1 also has a ridge 1e-6)
+    return TinyWorld(tmp_path_factory.mktemp("tiny_world_sdxl"), family="sdxl", c_inv_captions=150)

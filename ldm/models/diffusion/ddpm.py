@@ -24,7 +24,7 @@ EMA_OF = (("model_ema", "model"), ("cond_stage_model_ema", "cond_stage_model"))
 @dataclass(frozen=True)
 class BaseFamily:
     """A family of base models: the text-encoder class that tells it, the checkpoint key prefix of that encoder,
-    and the inference config of the family's Perfusion concepts (empty: Perfusion does not run on it yet)."""
+    and the inference config of the family's Perfusion concepts."""
     name: str
     description: str
     text_encoder_class: str
@@ -38,7 +38,7 @@ BASE_FAMILIES = (
     BaseFamily("sd2", "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder)", "FrozenOpenCLIPEmbedder",
                "cond_stage_model.model.", "configs/perfusion_inference_sd_v2.yaml"),
     BaseFamily("sdxl", "Stable Diffusion XL (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14 text encoders)", "SDXLConditioner",
-               "conditioner.embedders.", ""),
+               "conditioner.embedders.", "configs/perfusion_inference_sdxl.yaml"),
 )
 
 

@@ -6,7 +6,11 @@ scale 0.13025) and ``conditioner.embedders.{0,1}.*`` (CLIP ViT-L and OpenCLIP Vi
 module, so code written for LatentDiffusion (``get_learned_conditioning``, the samplers) works unchanged. The
 conditioning is a dict ``{"crossattn": context, "vector": y}``, which ``apply_model`` takes apart.
 
-Only the base model's inference path is here: Perfusion training and generation on SD XL are not.
+The first stage runs in float32 with autocast off (``encode_first_stage`` / ``decode_first_stage``): the original
+SD XL VAE overflows in float16, so 16-mixed training and fp16 generation keep it out of half precision.
+
+This is the base model's inference path; Perfusion on SD XL (training and generation) is
+``perfusion.perfusion.PerfusionXL``. Training the base model itself is not supported.
 """
 from __future__ import annotations
 
@@ -72,9 +76,15 @@ class LatentDiffusionXL(LatentDiffusion):
                             f"gives it), got {type(cond).__name__}")
         return self.model(x_noisy, t, c_crossattn=[cond["crossattn"]], y=cond["vector"])
 
-    def shared_step(self, batch):
-        raise NotImplementedError("training on SD XL is not implemented yet (inference backbone only)")
-
     @torch.no_grad()
-    def log_images(self, *args, **kwargs):
-        raise NotImplementedError("image logging on SD XL is not implemented yet (inference backbone only)")
+    def encode_first_stage(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().encode_first_stage(x.float())
+
+    def decode_first_stage(self, z):
+        with torch.autocast(z.device.type, enabled=False):
+            return super().decode_first_stage(z.float())
+
+    def shared_step(self, batch):
+        raise NotImplementedError("training the SD XL base model is not supported; Perfusion trains on it "
+                                  "(perfusion.perfusion.PerfusionXL, configs/perfusion_teddy_sdxl.yaml)")

@@ -11,6 +11,12 @@
 ``encode`` returns ``{"crossattn": (B, 77, 768 + 1280), "vector": (B, 1280 + 1536)}``: the UNet's cross-attention
 context and its vector condition ``y`` (``adm_in_channels`` = 2816). The keys ``crossattn``/``vector`` are those of
 the original code; the samplers batch such dicts key by key for classifier-free guidance.
+
+Token-level interface (Perfusion, C^-1 estimation): the two tokenizers share CLIP's BPE vocabulary and differ only
+in their padding (CLIP pads with its end token, OpenCLIP with 0), so one (B, 77) grid of CLIP ids serves both
+(``tokenize``); ``encode_tokens`` derives OpenCLIP's ids from it and returns the 2048-wide context, and
+``encode_tokens_to_cond`` the full conditioning. A placeholder token thus stands at the same position for both
+encoders, and its 2048-wide encoding is the concatenation of the two encoders' states there.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
+from ldm.modules.encoders.modules import EmbeddingHook
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
@@ -75,6 +82,89 @@ class SDXLConditioner(nn.Module):
     def text_encoders(self) -> tuple[FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder]:
         return self.embedders[0], self.embedders[1]
 
+    # ----- token-level interface (module docstring): the same attributes as the single text encoders ----------------
+    @property
+    def width(self) -> int:
+        """Width of the cross-attention context (768 + 1280 = 2048 for SD XL)."""
+        return self.context_dim
+
+    @property
+    def max_length(self) -> int:
+        return self.embedders[0].max_length
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.embedders[0].bos_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.embedders[0].eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.embedders[0].pad_token_id
+
+    @property
+    def version(self) -> str:
+        clip, open_clip = self.text_encoders
+        return f"{clip.version}+{open_clip.arch}"
+
+    def tokenize(self, texts: Sequence[str] | str) -> torch.Tensor:
+        """(B, max_length) CLIP ids (BOS, text, EOS, EOS as padding); OpenCLIP's are derived by ``open_clip_tokens``."""
+        return self.embedders[0].tokenize(texts)
+
+    def text_tokens(self, text: str) -> list[str]:
+        return self.embedders[0].text_tokens(text)
+
+    def open_clip_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """OpenCLIP's ids for CLIP's ``tokens``: the same ids through the first end token, 0 after it."""
+        is_eos = (tokens == self.eos_token_id).long()
+        after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+        return tokens.masked_fill(after_eos, self.embedders[1].pad_token_id)
+
+    @staticmethod
+    def _hooks(embedding_hook) -> tuple:
+        """One embedding hook per text encoder: an object with ``encoder_hooks`` (two hooks, CLIP's and OpenCLIP's;
+        perfusion.embedding_manager.SDXLEmbeddingManager), or one hook for both, or None."""
+        hooks = getattr(embedding_hook, "encoder_hooks", None)
+        if hooks is None:
+            return embedding_hook, embedding_hook
+        hooks = tuple(hooks)
+        if len(hooks) != 2:
+            raise ValueError(f"SD XL has two text encoders; encoder_hooks gives {len(hooks)} hooks")
+        return hooks
+
+    def _encode_tokens(self, tokens: torch.Tensor, embedding_hook, with_pooled: bool):
+        clip, open_clip = self.text_encoders
+        hook_clip, hook_open = self._hooks(embedding_hook)
+        crossattn_clip = clip.encode_tokens(tokens, embedding_hook=hook_clip)
+        open_tokens = self.open_clip_tokens(tokens)
+        if with_pooled:
+            crossattn_open, pooled = open_clip.encode_tokens_with_pooled(open_tokens, embedding_hook=hook_open)
+        else:
+            crossattn_open, pooled = open_clip.encode_tokens(open_tokens, embedding_hook=hook_open), None
+        return torch.cat([crossattn_clip, crossattn_open.to(crossattn_clip.dtype)], dim=-1), pooled
+
+    def encode_tokens(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None = None) -> torch.Tensor:
+        """CLIP ids (B, L) -> the cross-attention context (B, L, 2048), the encoders' hidden states concatenated.
+        ``embedding_hook``: see ``_hooks``."""
+        return self._encode_tokens(tokens, embedding_hook, with_pooled=False)[0]
+
+    def encode_tokens_to_cond(self, tokens: torch.Tensor, embedding_hook: EmbeddingHook | None = None,
+                              sizes: Mapping[str, Any] | None = None, force_zero_text: bool = False
+                              ) -> dict[str, torch.Tensor]:
+        """CLIP ids (B, L) -> ``{"crossattn", "vector"}`` as ``encode`` gives them; ``sizes``: the size keys
+        (``SIZE_KEYS``, two numbers or (B, 2)), each defaulting to the conditioner's."""
+        crossattn, pooled = self._encode_tokens(tokens, embedding_hook, with_pooled=True)
+        return self._conditioning(crossattn, pooled, sizes or {}, force_zero_text)
+
+    def _conditioning(self, crossattn, pooled, batch, force_zero_text: bool) -> dict[str, torch.Tensor]:
+        if force_zero_text:
+            crossattn, pooled = torch.zeros_like(crossattn), torch.zeros_like(pooled)
+        sizes = [embedder(value).to(pooled.dtype) for embedder, value in
+                 zip(self.embedders[2:], self._sizes(batch, crossattn.shape[0], pooled.device))]
+        return {"crossattn": crossattn, "vector": torch.cat([pooled, *sizes], dim=-1)}
+
     def train(self, mode: bool = True):
         return super().train(False)  # frozen, as the text encoders themselves
 
@@ -103,11 +193,7 @@ class SDXLConditioner(nn.Module):
         crossattn_clip = clip.encode(texts)
         crossattn_open, pooled = open_clip.encode_tokens_with_pooled(open_clip.tokenize(texts))
         crossattn = torch.cat([crossattn_clip, crossattn_open.to(crossattn_clip.dtype)], dim=-1)
-        if force_zero_text:
-            crossattn, pooled = torch.zeros_like(crossattn), torch.zeros_like(pooled)
-        sizes = [embedder(value).to(pooled.dtype) for embedder, value in
-                 zip(self.embedders[2:], self._sizes(batch, len(texts), pooled.device))]
-        return {"crossattn": crossattn, "vector": torch.cat([pooled, *sizes], dim=-1)}
+        return self._conditioning(crossattn, pooled, batch, force_zero_text)
 
     def forward(self, batch, force_zero_text: bool = False) -> dict[str, torch.Tensor]:
         return self.encode(batch, force_zero_text=force_zero_text)
