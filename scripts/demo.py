@@ -13,8 +13,10 @@ Everything goes under outputs/demo/ (``--outdir``); TensorBoard: ``tensorboard -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,7 +27,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TOY = REPO / "ckpt" / "toy"
-CONFIG = "configs/toy/inference.yaml"
+CONFIG = REPO / "configs" / "toy" / "inference.yaml"
 
 # (label, prompt with {} (or {1}/{2}) for the concepts, what the oracle should find besides the concept)
 ROWS = [
@@ -38,22 +40,30 @@ ROWS = [
 ]
 
 
-def run(args: list[str], quiet: bool = False) -> None:
+def run(args: list[str]) -> None:
     print("\n$ " + " ".join(str(a) for a in args), flush=True)
-    output = subprocess.DEVNULL if quiet else None
-    subprocess.run([sys.executable, *map(str, args)], cwd=REPO, check=True, stdout=output)
+    subprocess.run([sys.executable, *map(str, args)], cwd=REPO, check=True)
 
 
 def generate(prompt: str, outdir: Path, n: int, steps: int, seed: int, concepts: list[Path]) -> list[Path]:
+    """The seed's command line, run in this process (its main(), the same code as the script): ten model loads
+    are cheap, ten Python start-ups importing torch are not."""
+    from scripts.perfusion_txt2img import main as txt2img
+
     # perfusion_txt2img.py numbers new files after those already there: start each cell empty, so that a second
     # run of the demo does not mix its samples with the first run's
     shutil.rmtree(outdir, ignore_errors=True)
-    args = ["scripts/perfusion_txt2img.py", "--config", CONFIG, "--ckpt", TOY / "base.safetensors",
+    args = ["--config", CONFIG, "--ckpt", TOY / "base.safetensors",
             "--prompt", prompt, "--n_samples", n, "--n_iter", 1, "--steps", steps, "--scale", 4.0, "--seed", seed,
             "--outdir", outdir]
     if concepts:
         args += ["--personalized_ckpt", ",".join(map(str, concepts))]
-    run(args, quiet=True)
+    shown = shlex.join(str(a) for a in args).replace(f"{REPO}{os.sep}", "")
+    print(f"\n$ python scripts/perfusion_txt2img.py {shown}", flush=True)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        code = txt2img([str(a) for a in args])
+    if code:
+        raise SystemExit(f"perfusion_txt2img.py failed with status {code}")
     return sorted((outdir / "samples").glob("*.png"))
 
 
