@@ -97,6 +97,18 @@ def _layer_table(kind: str, outputs: Mapping[str, torch.Tensor]) -> list:
     return [[str(name), _as_vector(f"{kind} output of {name}", value).shape[0]] for name, value in outputs.items()]
 
 
+def _write_concept_file(path, tensors: Mapping[str, torch.Tensor], header: dict, metadata: Mapping, caller: str):
+    """The safetensors file of ``tensors`` with ``header`` plus ``metadata`` (JSON-encoded values), written
+    atomically (a crash leaves the old file or the new one, never half of one)."""
+    try:
+        header.update({str(k): json.dumps(v) for k, v in metadata.items()})
+    except TypeError as error:
+        raise BadValueError(f"{caller}: metadata values must be JSON-serialisable: {error}") from None
+    payload = safetensors_save(dict(tensors), metadata=header)
+    atomic_write(path, lambda temporary: temporary.write_bytes(payload))
+    return path
+
+
 def save_concept(path, *, value_outputs: Mapping[str, torch.Tensor], embedding: torch.Tensor,
                  target_input: Optional[torch.Tensor] = None, c_inv_target_input: Optional[torch.Tensor] = None,
                  superclass_input: Optional[torch.Tensor] = None, metadata: Mapping[str, object],
@@ -156,14 +168,7 @@ def save_concept(path, *, value_outputs: Mapping[str, torch.Tensor], embedding: 
               "value_layers": json.dumps(layers, separators=(",", ":"))}
     if key_outputs:
         header["key_layers"] = json.dumps(key_layers, separators=(",", ":"))
-    try:
-        header.update({str(k): json.dumps(v) for k, v in metadata.items()})
-    except TypeError as error:
-        raise BadValueError(f"save_concept: metadata values must be JSON-serialisable: {error}") from None
-    payload = safetensors_save(dict(tensors), metadata=header)
-
-    atomic_write(path, lambda temporary: temporary.write_bytes(payload))
-    return path
+    return _write_concept_file(path, tensors, header, metadata, "save_concept")
 
 
 def _describe_non_safetensors(path: str) -> str:
@@ -332,10 +337,4 @@ def update_concept_metadata(path, updates: Mapping[str, object]) -> str:
     with safe_open(path, framework="pt", device="cpu") as handle:
         header = dict(handle.metadata() or {})
         tensors = OrderedDict((key, handle.get_tensor(key)) for key in handle.keys())
-    try:
-        header.update({str(k): json.dumps(v) for k, v in updates.items()})
-    except TypeError as error:
-        raise BadValueError(f"update_concept_metadata: values must be JSON-serialisable: {error}") from None
-    payload = safetensors_save(dict(tensors), metadata=header)
-    atomic_write(path, lambda temporary: temporary.write_bytes(payload))
-    return path
+    return _write_concept_file(path, tensors, header, updates, "update_concept_metadata")
