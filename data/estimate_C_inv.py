@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ldm.util import BadValueError, ConfigError, MissingFileError, UserError, one_line_warnings  # noqa: E402
+from ldm.util import BadValueError, ConfigError, MissingFileError, run_command  # noqa: E402
 from perfusion.covariance import accumulate_second_moment, invert_covariance, save_c_inv  # noqa: E402
 
 ENCODER_TARGETS = {
@@ -174,9 +174,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    one_line_warnings()
-    try:
-        sys.exit(main())
-    except UserError as err:  # user errors: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_command(main))

@@ -7,6 +7,7 @@ import inspect
 import os
 import pickle
 import shutil
+import sys
 import uuid
 import warnings
 import zipfile
@@ -39,6 +40,17 @@ def get_obj_from_str(path: str, reload: bool = False):
 def one_line_warnings() -> None:
     """Command lines print each warning as one ``warning: ...`` line (not Python's two lines with the source)."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+def run_command(command, *args) -> int:
+    """A command line's body: warnings as one line each; a UserError printed as ``error: ...`` with exit code 2
+    (no traceback); any other error keeps its traceback."""
+    one_line_warnings()
+    try:
+        return command(*args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 class UserError(Exception):

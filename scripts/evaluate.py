@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from ldm.util import UserError, atomic_write, load_model_from_config, one_line_warnings  # noqa: E402
+from ldm.util import atomic_write, load_model_from_config, run_command  # noqa: E402
 from scripts.perfusion_txt2img import (UsageError, check_global_locking_words, check_prompt_length,  # noqa: E402
                                        check_prompts, distinct_placeholders, encode_prompts, fill_image_geometry,
                                        fill_prompt, load_and_check_concepts, make_sampler, png_info, sample_images)
@@ -575,13 +575,7 @@ def write_sheet(images_by_setting: list[list[list[Image.Image]]], rows: list[dic
 
 
 def main(argv=None) -> int:
-    opt = get_parser().parse_args(argv)
-    one_line_warnings()
-    try:
-        return evaluate(opt)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(evaluate, get_parser().parse_args(argv))
 
 
 def evaluate(opt) -> int:

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
-from ldm.util import UserError, load_model_from_config, one_line_warnings  # noqa: E402
+from ldm.util import UserError, load_model_from_config, run_command  # noqa: E402
 from perfusion.roe import INFERENCE_BETA, INFERENCE_TAU, MULTI_CONCEPT_BETA, inference_gating  # noqa: E402
 
 # Single-token strings to rename placeholders to when two concept files share one.
@@ -314,13 +314,7 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 
 def main(argv=None) -> int:
-    opt = get_parser().parse_args(argv)
-    one_line_warnings()
-    try:
-        return generate(opt)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(generate, get_parser().parse_args(argv))
 
 
 def parse_size(text: str | None, name: str, default: tuple[int, int]) -> tuple[int, int]:
