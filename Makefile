@@ -1,5 +1,5 @@
 # make test: create .venv if missing, install pinned requirements, run the test suite (CPU, offline).
-# make demo: the same setup, then the demo job.
+# make demo: the same setup, then the demo job (options: make demo DEMO_ARGS='--seed 4', see scripts/demo.py --help).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -19,7 +19,7 @@ test: install
 	$(VENV)/bin/python -m pytest -q tests
 
 demo: install
-	$(VENV)/bin/python scripts/demo.py
+	$(VENV)/bin/python scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

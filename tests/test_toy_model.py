@@ -125,3 +125,5 @@ def test_demo_runs_at_reduced_steps(tmp_path):
     assert "found toy_dots" in scores["two concepts"]
     assert list((out / "logs").glob("*_toy_star/tensorboard/events.out.tfevents.*"))
     assert "Sheet:" in result.stdout
+    assert scores["plain"]["found toy_star"] < 0.5  # 6 training steps do not teach it; the demo says what to try
+    assert "DEMO_ARGS='--seed" in result.stdout
