@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from ldm.util import BadValueError, run_command  # noqa: E402
+
 GIB = 1024 ** 3
 
 
@@ -45,17 +47,24 @@ def install_one_concept(model, width: int, device) -> None:
         layer.initialize_targets(superclass)
 
 
-def estimate(config_path: str = "configs/perfusion_teddy_sdxl.yaml", batch: int = 1) -> dict:
-    from ldm.modules.attention import BasicTransformerBlock
-    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+def build_on_meta(config_path: str, checkpointing: bool):
+    """(config, the Perfusion model built from it on the meta device: no weights loaded, no C^-1)."""
     from ldm.util import instantiate_from_config
 
     config = OmegaConf.load(config_path)
     config.model.params.ckpt_path = None
     config.model.params.C_inv_path = None
-    config.model.params.unet_config.params.use_checkpoint = False  # blocks are counted one by one below
+    config.model.params.unet_config.params.use_checkpoint = checkpointing
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
+    return config, model
+
+
+def estimate(config_path: str = "configs/perfusion_teddy_sdxl.yaml", batch: int = 1) -> dict:
+    from ldm.modules.attention import BasicTransformerBlock
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    config, model = build_on_meta(config_path, checkpointing=False)  # blocks are counted one by one below
     unet = model.model.diffusion_model
     params = {name: sum(p.numel() for p in module.parameters()) for name, module in
               (("unet", unet), ("vae", model.first_stage_model), ("text_encoders", model.conditioner))}
@@ -112,14 +121,7 @@ def measure(config_path: str, batch: int, device: str, checkpointing: bool, repe
     """Peak CUDA memory and time of one UNet forward + backward of the SDXL Perfusion model (random weights)."""
     import time
 
-    from ldm.util import instantiate_from_config
-
-    config = OmegaConf.load(config_path)
-    config.model.params.ckpt_path = None
-    config.model.params.C_inv_path = None
-    config.model.params.unet_config.params.use_checkpoint = checkpointing
-    with torch.device("meta"):
-        model = instantiate_from_config(config.model)
+    config, model = build_on_meta(config_path, checkpointing)
     unet = model.model.diffusion_model
     device = torch.device(device)
     unet.to_empty(device=device)
@@ -128,16 +130,14 @@ def measure(config_path: str, batch: int, device: str, checkpointing: bool, repe
         for tensor in [*unet.parameters(), *unet.buffers()]:
             if tensor.is_floating_point():
                 tensor.normal_(0.0, 0.02, generator=generator)
+    # only o*_V requires grads, as in training: Perfusion froze the UNet, and to_empty keeps requires_grad
     trainable = [layer.target_output for layer in model.value_layers.values()]
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
+    unet_params = config.model.params.unet_config.params
     side = int(config.model.params.image_size)
-    x = torch.randn(batch, int(config.model.params.unet_config.params.in_channels), side, side, device=device)
+    x = torch.randn(batch, int(unet_params.in_channels), side, side, device=device)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     vector = torch.randn(batch, model.conditioner.vector_dim, device=device)
-    width = int(config.model.params.unet_config.params.context_dim)
+    width = int(unet_params.context_dim)
     install_one_concept(model, width, device)
     cuda = device.type == "cuda"
     synchronize = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -175,14 +175,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--measure", default=None, metavar="DEVICE",
                         help="also measure the UNet forward + backward on this CUDA device (e.g. cuda)")
-    args = parser.parse_args(argv)
+    return run_command(report, parser.parse_args(argv))
+
+
+def report(args) -> int:
     result = estimate(args.config, args.batch)
     text = json.dumps(result, indent=2)
     print("ESTIMATE (meta device, no GPU):\n" + text)
     if args.measure:
         if not torch.cuda.is_available():
-            print(f"error: --measure {args.measure} needs CUDA, and torch sees no CUDA device", file=sys.stderr)
-            return 2
+            raise BadValueError(f"--measure {args.measure} needs CUDA, and torch sees no CUDA device")
         others = 4 * (result["parameters"]["vae"] + result["parameters"]["text_encoders"]) / GIB
         measured = {}
         for checkpointing in (True, False):
