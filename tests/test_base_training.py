@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -124,7 +125,9 @@ def test_main_trains_a_toy_base_model_and_exports_it(tmp_path):
          "lightning.modelcheckpoint_step.params.every_n_train_steps=2",
          "lightning.callbacks.image_logger.params.batch_frequency=2",
          "lightning.callbacks.image_logger.params.ddim_steps=2",
-         "lightning.callbacks.thread_tuner.params.probe=1"],
+         "lightning.callbacks.thread_tuner.params.probe=1",
+         # the part-3 options of ckpt/toy/README.md, through the command line
+         "model.params.truncation_dropout=0.6", "model.params.word_dropout=0.2"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     logdir = next(p for p in tmp_path.iterdir() if p.is_dir())
@@ -179,6 +182,50 @@ def test_offset_noise_shifts_each_channel_by_one_random_value():
     assert float(plain.mean(dim=(2, 3)).std()) < 0.05
     assert 0.4 < float(offset.mean(dim=(2, 3)).std()) < 0.6
     assert 0.9 < float((offset - offset.mean(dim=(2, 3), keepdim=True)).std()) < 1.1
+
+
+def test_truncation_and_word_dropout_replace_encodings_by_the_empty_captions():
+    config = small_toy_config()
+    config.model.params.truncation_dropout, config.model.params.word_dropout = 1.0, 0.0
+    model = instantiate_from_config(config.model).train()
+    captions = ["a red star on a white background", "", "a blue square and a green circle on a black background"]
+    with torch.no_grad():
+        c = model.get_learned_conditioning(captions)
+        empty = model.get_learned_conditioning([""])[0]
+    torch.manual_seed(0)
+    for _ in range(20):
+        with torch.no_grad():
+            dropped = model.drop_context_tokens(c, captions)
+        # each caption keeps BOS and its first k words (k >= 1), then the empty caption's encodings
+        assert torch.equal(dropped[1], empty)
+        for row, first_eos in ((0, 8), (2, 12)):
+            kept = (dropped[row] == c[row]).all(-1)
+            emptied = (dropped[row] == empty).all(-1)
+            n_kept = int(kept.int().argmin())
+            assert 2 <= n_kept <= first_eos
+            assert emptied[n_kept:].all() and kept[:n_kept].all()
+
+    # the cut is uniform over the words: 7 words, so each of the 7 cuts in about 1/7 of 2,800 captions
+    many_captions = captions[:1] * 2800
+    with torch.no_grad():
+        many = model.drop_context_tokens(c[:1].expand(2800, -1, -1), many_captions)
+    n_kept = (many == c[:1]).all(-1).sum(1)
+    counts = torch.bincount(n_kept, minlength=9)[2:9]
+    assert counts.min() > 300 and counts.max() < 500, counts
+
+    model.truncation_dropout, model.word_dropout = 0.0, 0.3
+    with torch.no_grad():
+        many = model.drop_context_tokens(c[:1].expand(400, -1, -1), many_captions[:400])
+    words_kept = (many[:, 1:8] == c[0, 1:8]).all(-1)
+    words_emptied = (many[:, 1:8] == empty[1:8]).all(-1)
+    assert torch.equal(words_kept, ~words_emptied)
+    assert 0.25 < 1 - float(words_kept.float().mean()) < 0.35
+    assert torch.equal(many[:, 0], c[:1, 0].expand(400, -1)) and torch.equal(many[:, 8:], c[:1, 8:].expand(400, -1, -1))
+    for key in ("truncation_dropout", "word_dropout"):
+        bad = small_toy_config()
+        bad.model.params[key] = 1.5
+        with pytest.raises(ValueError, match=key):
+            instantiate_from_config(bad.model)
 
 
 def test_thread_tuner_drops_a_collapsed_setting_after_one_step(monkeypatch):
