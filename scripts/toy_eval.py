@@ -8,7 +8,8 @@ image with data/toy_oracle.py:
 - ``held_out``: one-object captions of the held-out pairs (never a single object in pretraining);
 - ``two``: two-object captions (both objects right, colour bound to the right shape).
 It prints one row per checkpoint, appends it to ``--csv``; ``--plot`` draws the curve of all rows of the CSV and
-``--sheet`` writes a labelled sheet of the last checkpoint's samples.
+``--sheet`` writes a labelled sheet of the last checkpoint's samples. ``--readout`` measures instead where the model
+reads an object (the same seen captions with parts of their encodings emptied).
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ DEFAULT_CONFIG = "configs/toy/inference.yaml"
 
 @torch.no_grad()
 def sample(model, prompts: list[str], steps: int = 25, scale: float = 4.0, seed: int = 0,
-           batch_size: int = 32) -> list[np.ndarray]:
-    """DDIM samples (eta 0) of ``prompts`` as uint8 HxWx3 arrays; image i always starts from the same noise."""
+           batch_size: int = 32, contexts: torch.Tensor | None = None) -> list[np.ndarray]:
+    """DDIM samples (eta 0) of ``prompts`` as uint8 HxWx3 arrays; image i always starts from the same noise.
+    ``contexts``: the prompts' text encodings given directly (e.g. with some positions replaced)."""
     from sgm.sampling import sample as sample_model
 
     shape = (model.channels, model.image_size, model.image_size)
@@ -43,7 +45,7 @@ def sample(model, prompts: list[str], steps: int = 25, scale: float = 4.0, seed:
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        c = model.get_learned_conditioning(batch)
+        c = model.get_learned_conditioning(batch) if contexts is None else contexts[start:start + len(batch)]
         uc = model.get_learned_conditioning([""] * len(batch))
         latents = sample_model(model, c, noise[start:start + len(batch)].to(model.device), uc, steps=steps,
                                scale=scale)
@@ -84,6 +86,39 @@ def evaluate(model, n: int = 32, steps: int = 25, scale: float = 4.0, seed: int 
         images = sample(model, prompts, steps, scale, seed)
         scores[name], samples[name] = score(images, prompts), (prompts, images)
     return scores, samples
+
+
+READOUTS = ("full", "words only", "summary only", "up to the noun", "noun alone")
+
+
+@torch.no_grad()
+def readout_contexts(model, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Where the base model reads a one-object caption: its encodings with the positions a variant leaves out
+    replaced by the empty caption's at the same positions. ``words only``: EOS and padding emptied; ``summary
+    only``: the words emptied; ``up to the noun``: everything after the shape word; ``noun alone``: everything but
+    BOS and the shape word."""
+    encoder = model.cond_stage_model
+    c = model.get_learned_conditioning(prompts)
+    empty = model.get_learned_conditioning([""] * len(prompts)).to(c.dtype)
+    tokens = encoder.tokenize(prompts).to(c.device)
+    first_eos = (tokens == encoder.eos_token_id).int().argmax(1)[:, None]
+    shape_ids = torch.tensor([int(encoder.tokenize(shape)[0, 1]) for shape in SHAPES], device=c.device)
+    is_noun = torch.isin(tokens, shape_ids)
+    if not bool((is_noun.sum(1) == 1).all()):
+        raise ValueError("readout needs one-object captions with exactly one shape word each")
+    position = torch.arange(tokens.shape[1], device=c.device)[None]
+    noun = is_noun.int().argmax(1)[:, None]
+    keep = {"full": torch.ones_like(tokens, dtype=torch.bool), "words only": position < first_eos,
+            "summary only": (position == 0) | (position >= first_eos), "up to the noun": position <= noun,
+            "noun alone": (position == 0) | (position == noun)}
+    return {name: torch.where(keep[name][..., None], c, empty) for name in READOUTS}
+
+
+def readout(model, n: int = 32, steps: int = 25, scale: float = 4.0, seed: int = 0) -> dict[str, dict[str, float]]:
+    """{variant: {attribute: accuracy}} on ``n`` one-object captions of seen pairs (see readout_contexts)."""
+    prompts = prompt_sets(n, seed)["seen"]
+    return {name: score(sample(model, prompts, steps, scale, seed, contexts=contexts), prompts)
+            for name, contexts in readout_contexts(model, prompts).items()}
 
 
 def flat_row(scores: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -157,6 +192,9 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", help="append one row per checkpoint to this CSV")
     parser.add_argument("--sheet", help="PNG sheet of the last checkpoint's samples, read by the oracle")
     parser.add_argument("--plot", help="PNG learning curve of all rows in --csv")
+    parser.add_argument("--readout", action="store_true",
+                        help="instead of the sets: where the model reads an object (full caption, words only, summary "
+                             "only, up to the noun, noun alone; ckpt/toy/README.md)")
     parser.add_argument("--step_offset", type=int, default=0,
                         help="added to the step in the file names (a run that trained on from an earlier export)")
     args = parser.parse_args(argv)
@@ -172,6 +210,10 @@ def main(argv=None) -> int:
     samples = None
     for path in sorted(args.ckpt, key=step_of):
         model.init_from_ckpt(path)
+        if args.readout:
+            for name, accuracy in readout(model, args.n, args.steps, args.scale, args.seed).items():
+                print(f"{path}  {name}: " + "  ".join(f"{k}={v:.2f}" for k, v in accuracy.items()), flush=True)
+            continue
         scores, samples = evaluate(model, args.n, args.steps, args.scale, args.seed)
         row = {"checkpoint": path, "step": step_of(path) + args.step_offset, **flat_row(scores)}
         print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)

@@ -65,6 +65,30 @@ def test_base_model_follows_prompts_well_above_chance(toy_model):
     assert scores["colour"] >= 0.8 and scores["background"] >= 0.8 and scores["shape"] >= 0.6, scores
 
 
+def test_readout_empties_the_positions_each_variant_leaves_out(toy_model):
+    from scripts.toy_eval import READOUTS, readout, readout_contexts
+
+    prompts = ["a red star on a white background", "a photo of a blue square"]
+    contexts = readout_contexts(toy_model, prompts)
+    full, empty = contexts["full"], toy_model.get_learned_conditioning([""])[0]
+    # BOS a red star on a white background EOS: noun at 3, EOS at 8; BOS a photo of a blue square EOS: 6, 7
+    for row, (noun, eos) in enumerate([(3, 8), (6, 7)]):
+        kept = {name: [i for i in range(full.shape[1]) if torch.equal(contexts[name][row, i], full[row, i])
+                       and not torch.equal(full[row, i], empty[i])] for name in READOUTS}
+        assert kept["words only"] == list(range(1, eos))
+        assert kept["summary only"] == list(range(eos, full.shape[1]))
+        assert kept["up to the noun"] == list(range(1, noun + 1))
+        assert kept["noun alone"] == [noun]
+        for name in READOUTS:
+            dropped = [i for i in range(full.shape[1]) if i not in kept[name]]
+            assert all(torch.equal(contexts[name][row, i], empty[i]) for i in dropped)
+    with pytest.raises(ValueError, match="one shape word"):
+        readout_contexts(toy_model, ["a red star and a blue square on a black background"])
+    scores = readout(toy_model, n=8, steps=10, seed=2)
+    assert list(scores) == list(READOUTS)
+    assert scores["full"]["shape"] >= 0.75 and scores["full"]["colour"] >= 0.75, scores
+
+
 def test_base_model_binds_colours_to_shapes_in_two_object_prompts(toy_model):
     from scripts.toy_eval import prompt_sets, sample, score
 
