@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from ldm.modules.encoders.modules import first_eos_positions
 from ldm.util import BadValueError, MissingFileError
 
 HOW_TO_MAKE = (
@@ -58,9 +59,8 @@ def real_token_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 
     Counting EOS occurrences *before* each position handles SD 1.x, whose padding is EOS itself.
     """
-    is_eos = (tokens == eos_token_id).long()
-    eos_before = is_eos.cumsum(dim=1) - is_eos
-    return eos_before == 0
+    position = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    return position <= first_eos_positions(tokens, eos_token_id)[:, None]
 
 
 @torch.no_grad()

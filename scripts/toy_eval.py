@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from data.toy_oracle import check, read_image  # noqa: E402
+from ldm.modules.encoders.modules import first_eos_positions  # noqa: E402
 from data.toy_world import BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES  # noqa: E402
 
 DEFAULT_CONFIG = "configs/toy/inference.yaml"
@@ -101,7 +102,7 @@ def readout_contexts(model, prompts: list[str]) -> dict[str, torch.Tensor]:
     c = model.get_learned_conditioning(prompts)
     empty = model.get_learned_conditioning([""] * len(prompts)).to(c.dtype)
     tokens = encoder.tokenize(prompts).to(c.device)
-    first_eos = (tokens == encoder.eos_token_id).int().argmax(1)[:, None]
+    first_eos = first_eos_positions(tokens, encoder.eos_token_id)[:, None]
     shape_ids = torch.tensor([int(encoder.tokenize(shape)[0, 1]) for shape in SHAPES], device=c.device)
     is_noun = torch.isin(tokens, shape_ids)
     if not bool((is_noun.sum(1) == 1).all()):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.ema import LitEma
+from ldm.modules.encoders.modules import first_eos_positions
 from ldm.util import CheckpointError, default, instantiate_from_config, load_state_dict
 
 BACKBONE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
@@ -491,8 +492,7 @@ class LatentDiffusion(DDPM):
         after the noun, or missing its adjective, teaches exactly that."""
         encoder = self.cond_stage_model
         tokens = encoder.tokenize(list(captions)).to(c.device)
-        is_eos = tokens == encoder.eos_token_id
-        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1]))
+        first_eos = first_eos_positions(tokens, encoder.eos_token_id)
         n_words = (first_eos - 1).clamp(min=0)
         position = torch.arange(tokens.shape[1], device=c.device)[None]
         last_kept = 1 + (torch.rand(len(tokens), device=c.device) * n_words).long()  # cut after word 1..n_words

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.modules.encoders.modules import EmbeddingHook
-from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, first_eos_positions
 
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 TEXT_KEY = "txt"
@@ -118,8 +118,8 @@ class SDXLConditioner(nn.Module):
 
     def open_clip_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """OpenCLIP's ids for CLIP's ``tokens``: the same ids through the first end token, 0 after it."""
-        is_eos = (tokens == self.eos_token_id).long()
-        after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+        position = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        after_eos = position > first_eos_positions(tokens, self.eos_token_id)[:, None]
         return tokens.masked_fill(after_eos, self.embedders[1].pad_token_id)
 
     @staticmethod

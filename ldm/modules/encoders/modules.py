@@ -147,6 +147,14 @@ def clean_caption(text: str) -> str:
     return whitespace_clean(basic_clean(text)).lower()
 
 
+def first_eos_positions(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B,) index of each row's first end-of-text token; the row length where a row has none (a caption cut at
+    max_length). The one place that finds where a caption's words end: SD 1.x pads with EOS itself, so "is EOS"
+    alone cannot tell the end token from padding."""
+    is_eos = tokens == eos_token_id
+    return torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1]))
+
+
 def _causal_additive_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
     """(1, 1, L, L) additive mask: position i attends to positions <= i (CLIP text attention is causal)."""
     mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
