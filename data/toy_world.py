@@ -291,9 +291,24 @@ def concept_scene(name: str, rng: random.Random, background: str) -> ToyScene:
                                            SIZE / 2 + rng.uniform(-4, 4), r, pattern=name)])
 
 
+# Concept masks spill over the object as ClipSeg's do: full weight on it, SPILL_WEIGHT on a band SPILL_PX wide
+# around it. With the exact coverage alone the loss never sees the pixels between a star's points, and trainings
+# drew the concept's colour as a disc (ckpt/toy/README.md, "Masks that spill").
+SPILL_PX, SPILL_WEIGHT = 3, 0.6
+
+
+def concept_mask(coverage: np.ndarray) -> Image.Image:
+    """Soft training mask (8-bit) of one object's exact coverage (H x W in [0, 1]): the coverage blurred by 0.7 px,
+    and at least SPILL_WEIGHT within SPILL_PX pixels of it."""
+    soft = Image.fromarray((coverage * 255).round().astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.7))
+    band = soft.filter(ImageFilter.MaxFilter(2 * SPILL_PX + 1))
+    mask = np.maximum(np.asarray(soft, np.float64), SPILL_WEIGHT * np.asarray(band, np.float64))
+    return Image.fromarray(np.clip(mask, 0, 255).round().astype(np.uint8))
+
+
 def write_concept(name: str, folder: str | Path, n: int = 6, seed: int = 0) -> list[Path]:
     """``n`` training images of a toy concept (black and white backgrounds, varied places and sizes) and soft
-    masks in ``mask/`` (the exact coverage, slightly blurred, as soft_segment.py would write them)."""
+    masks in ``mask/`` (``concept_mask``: the coverage spilling over the object, as ClipSeg's masks do)."""
     folder = Path(folder)
     (folder / "mask").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{name}-{seed}")
@@ -303,8 +318,7 @@ def write_concept(name: str, folder: str | Path, n: int = 6, seed: int = 0) -> l
         image, masks = render(scene)
         path = folder / f"{i:02d}.png"
         Image.fromarray(image).save(path)
-        mask = Image.fromarray((masks[0] * 255).round().astype(np.uint8))
-        mask.filter(ImageFilter.GaussianBlur(0.7)).save(folder / "mask" / path.name)
+        concept_mask(masks[0]).save(folder / "mask" / path.name)
         paths.append(path)
     return paths
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from data.toy_oracle import check, concept_found, parse_prompt, read_image, validate
-from data.toy_world import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES, ToyObject, ToyScene, ToyWorld,
-                            ToyWorldDataset, render, write_concept)
+from data.toy_world import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES, SPILL_PX, SPILL_WEIGHT, ToyObject,
+                            ToyScene, ToyWorld, ToyWorldDataset, concept_mask, render, write_concept)
 
 ONE = re.compile(r"^(a photo of )?a (?:(%s) )?(%s)( on a (%s) background)?$" % (
     "|".join(COLOURS), "|".join(SHAPES), "|".join(BACKGROUNDS)))
@@ -85,6 +85,26 @@ def test_concept_folders_have_images_and_masks(tmp_path):
             reading = read_image(path)
             assert concept_found(reading, name), (name, path, reading.summary())
             assert not concept_found(reading, {"toy_star": "toy_dots", "toy_dots": "toy_star"}[name])
+
+
+def _chebyshev_dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    padded = np.pad(mask, px)
+    h, w = mask.shape
+    return np.any([padded[dy:dy + h, dx:dx + w] for dy in range(2 * px + 1) for dx in range(2 * px + 1)], axis=0)
+
+
+def test_concept_masks_cover_the_object_and_spill_around_it():
+    """Full weight on the object, SPILL_WEIGHT on a band around it (so the loss sees the pixels between a star's
+    points), nothing far away."""
+    coverage = render(ToyScene("black", [ToyObject("star", "none", 15, 17, 9, pattern="toy_star")]))[1][0]
+    mask = np.asarray(concept_mask(coverage), np.float64) / 255
+    covered = coverage >= 0.999
+    assert covered.sum() > 50 and mask[covered].mean() > 0.9 and mask[covered].min() >= SPILL_WEIGHT  # 0.7 px blur
+    band = _chebyshev_dilate(covered, SPILL_PX) & ~covered
+    assert band.sum() > covered.sum() / 2
+    # near the thin points the blurred coverage peaks below 1, so the band there is a little under SPILL_WEIGHT
+    assert mask[band].min() >= SPILL_WEIGHT / 2 and np.median(mask[band]) >= 0.9 * SPILL_WEIGHT
+    assert np.all(mask[~_chebyshev_dilate(coverage > 0, SPILL_PX + 3)] == 0)
 
 
 @pytest.mark.parametrize("shape", ["circle", "triangle", "square"])
