@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -45,6 +46,7 @@ __all__ = [
     "concept_size_bytes",
     "check_concepts_compatible",
     "selected_gating",
+    "choose_gating",
     "update_concept_metadata",
 ]
 
@@ -324,6 +326,42 @@ def selected_gating(concept: Concept, global_locking: bool = False):
     if bool(record.get("global_locking", False)) != bool(global_locking):
         return None
     return float(concept.metadata["beta"]), float(concept.metadata["tau"])
+
+
+def choose_gating(concepts: List[Concept], beta=None, tau=None, global_locking: bool = False,
+                  names: List[str] = None):
+    """(betas, taus, beta_sources, tau_sources), one entry per concept (one entry without concepts): the gate every
+    front end (perfusion_txt2img.py, perfusion.diffusers.apply_concepts) uses.
+
+    ``beta``/``tau``: None, one number, or one per concept. A given value wins ("flag"); without it a concept whose
+    file holds a beta/tau selected for it with the same locking mode (``selected_gating``) uses that ("concept
+    file"); otherwise the generic default of ``inference_gating(number of concepts)`` ("default")."""
+    from perfusion.roe import inference_gating
+
+    k = len(concepts)
+    default_beta, default_tau = inference_gating(k)
+    selected = [selected_gating(c, global_locking) for c in concepts]
+    for i, concept in enumerate(concepts):
+        if (beta is None or tau is None) and selected[i] is None and selected_gating(concept, not global_locking):
+            name = names[i] if names else f"concept {i + 1}"
+            mode = "without" if global_locking else "with"
+            warnings.warn(f"{name} holds a beta/tau selected {mode} global locking, which this run does not match; "
+                          "the generic defaults apply")
+    results = []
+    for given, what, default, index in ((beta, "beta", default_beta, 0), (tau, "tau", default_tau, 1)):
+        if given is None:
+            values = [s[index] if s else default for s in selected] if concepts else [default]
+            results.append((values, ["concept file" if s else "default" for s in selected] if concepts else ["default"]))
+            continue
+        values = [float(v) for v in (given if isinstance(given, (list, tuple)) else [given])]
+        if len(values) == 1:
+            values = values * max(k, 1)
+        elif len(values) != k:
+            raise BadValueError(f"{what} has {len(values)} values but {k} concept(s) were given; give one value or "
+                                "one per concept")
+        results.append((values, ["flag"] * len(values)))
+    (betas, beta_sources), (taus, tau_sources) = results
+    return betas, taus, beta_sources, tau_sources
 
 
 def update_concept_metadata(path, updates: Mapping[str, object]) -> str:

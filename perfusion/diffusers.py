@@ -35,8 +35,9 @@ import torch.nn as nn
 
 from ldm.models.diffusion.ddpm import BASE_FAMILIES, family_of_text_encoder
 from ldm.util import BadValueError
-from perfusion.concept_file import Concept, check_concepts_compatible, check_target_inputs_independent, load_concept
-from perfusion.roe import EditState, RankOneEditLinear, inference_gating
+from perfusion.concept_file import (Concept, check_concepts_compatible, check_target_inputs_independent, choose_gating,
+                                    load_concept)
+from perfusion.roe import EditState, RankOneEditLinear
 
 __all__ = ["apply_concepts", "remove_concepts", "applied_concepts", "original_layer_name", "pipeline_family",
            "concept_token_names", "PerfusionAttnProcessor"]
@@ -301,8 +302,10 @@ def apply_concepts(pipe, concept_files: Sequence, beta=None, tau=None, global_lo
 
     concept_files: concept file paths (or loaded ``Concept``s). Several are one multi-concept edit, as several
         ``--personalized_ckpt`` files of scripts/perfusion_txt2img.py.
-    beta, tau: gate bias and temperature, one value or one per concept; None: ``inference_gating(K)``, the defaults
-        of perfusion_txt2img.py (0.7 and 0.15; beta 0.6 for several concepts).
+    beta, tau: gate bias and temperature, one value or one per concept; None: as perfusion_txt2img.py without
+        --beta/--tau (``perfusion.concept_file.choose_gating``): a beta/tau selected in the concept file for this
+        locking mode (``scripts/evaluate.py --select-beta``), else ``inference_gating(K)`` (0.7 and 0.15; beta 0.6
+        for several concepts).
     global_locking: keys see the super-class prompt (each concept's token replaced by its super-class word, which
         must be one token), values the concept prompt; as perfusion_txt2img.py --global_locking.
 
@@ -330,9 +333,7 @@ def apply_concepts(pipe, concept_files: Sequence, beta=None, tau=None, global_lo
         _check_concept_fits(name, concept, family, width, embedding_width, cross_attentions)
     check_concepts_compatible(concepts, names)
     check_target_inputs_independent(concepts, names)
-    default_beta, default_tau = inference_gating(len(concepts))
-    beta = default_beta if beta is None else beta
-    tau = default_tau if tau is None else tau
+    beta, tau, _, _ = choose_gating(concepts, beta, tau, global_locking, names)
 
     superclasses = []
     if global_locking:

@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 
 from ldm.util import UserError, load_model_from_config, run_command  # noqa: E402
-from perfusion.roe import INFERENCE_BETA, INFERENCE_TAU, MULTI_CONCEPT_BETA, inference_gating  # noqa: E402
+from perfusion.roe import INFERENCE_BETA, INFERENCE_TAU, MULTI_CONCEPT_BETA  # noqa: E402
 
 # Single-token strings to rename placeholders to when two concept files share one.
 SPARE_PLACEHOLDERS = ["*", "&", "@", "$", "%", "#", "+", "=", "~", "^"]
@@ -108,33 +108,15 @@ def parse_float_list(text: str | None, name: str, count: int, default: float) ->
 
 def resolve_gating(beta: str | None, tau: str | None, concepts: list, global_locking: bool = False,
                    names: list[str] | None = None):
-    """(betas, taus, beta_sources, tau_sources), one entry per concept (one entry without concepts).
-
-    A flag wins ("flag"); without it a concept whose file holds a beta/tau selected for it with the same locking
-    mode (perfusion.concept_file.selected_gating) uses that ("concept file"); otherwise the generic default of
-    ``inference_gating(number of concepts)`` ("default"), as before concept files could carry a selection."""
-    from perfusion.concept_file import selected_gating
+    """(betas, taus, beta_sources, tau_sources), one entry per concept (one entry without concepts): the --beta /
+    --tau flags (comma-separated numbers) parsed, then perfusion.concept_file.choose_gating (a flag wins, then a
+    beta/tau selected in the concept file for this locking mode, then ``inference_gating(number of concepts)``)."""
+    from perfusion.concept_file import choose_gating
 
     k = len(concepts)
-    default_beta, default_tau = inference_gating(k)
-    selected = [selected_gating(c, global_locking) for c in concepts]
-    flags_cover_all = beta is not None and tau is not None
-    for i, concept in enumerate(concepts):
-        if not flags_cover_all and selected[i] is None and selected_gating(concept, not global_locking):
-            name = names[i] if names else f"concept {i + 1}"
-            mode = "without" if global_locking else "with"
-            warnings.warn(f"{name} holds a beta/tau selected {mode} global locking, which this run does not match; "
-                          "the generic defaults apply")
-    results = []
-    for flag, name, default, index in ((beta, "beta", default_beta, 0), (tau, "tau", default_tau, 1)):
-        if flag is not None or not concepts:
-            values = parse_float_list(flag, name, k, default)
-            results.append((values, ["flag" if flag is not None else "default"] * len(values)))
-        else:
-            results.append(([s[index] if s else default for s in selected],
-                            ["concept file" if s else "default" for s in selected]))
-    (betas, beta_sources), (taus, tau_sources) = results
-    return betas, taus, beta_sources, tau_sources
+    beta = None if beta is None else parse_float_list(beta, "beta", k, 0.0)
+    tau = None if tau is None else parse_float_list(tau, "tau", k, 0.0)
+    return choose_gating(concepts, beta, tau, global_locking, names)
 
 
 def concept_references(prompt: str) -> list[int]:

@@ -3,6 +3,7 @@ scripts/perfusion_txt2img.py (its code path in-process: load_and_check_concepts,
 Perfusion.load_concepts, make_sampler's DDIM and sgm.sampling.sample), with one and two concepts, SD1 (eps) and
 SD2 (v-prediction), local and global locking; remove_concepts restores the base pipeline exactly."""
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -13,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.util import BadValueError, load_model_from_config
-from perfusion.concept_file import load_concept, save_concept
+from perfusion.concept_file import SELECTED_BY_KEY, load_concept, save_concept, update_concept_metadata
 from perfusion.diffusers import applied_concepts, apply_concepts, original_layer_name, remove_concepts
 from perfusion.perfusion import base_model_family, text_encoder_name
 from perfusion.roe import edited_layers, inference_gating
@@ -169,7 +170,7 @@ def test_two_concepts_give_the_images_of_perfusion_txt2img(world):
     print(f"\n{world.family} two concepts: max |pipeline - txt2img| = {_max_diff(got, expected):.2e}")
     assert _max_diff(got, expected) <= TOL
     state = world.pipe._perfusion_concepts.state
-    assert state.beta.tolist() == [inference_gating(2)[0]] and state.num_concepts == 2
+    assert state.beta.tolist() == [inference_gating(2)[0]] * 2 and state.num_concepts == 2
     # per-concept beta and tau, as --beta 0.5,0.65 --tau 0.1,0.2
     apply_concepts(world.pipe, world.concepts, beta=[0.5, 0.65], tau=[0.1, 0.2])
     got = world.pipeline_images(fill_prompt(TWO, applied_concepts(world.pipe)))
@@ -234,6 +235,23 @@ def test_without_diffusers_the_error_says_how_to_install_it(monkeypatch, tmp_pat
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match="pip install diffusers"):
         apply_concepts(object(), [tmp_path / "teddy.safetensors"])
+
+
+def test_a_beta_selected_in_the_concept_file_is_used_as_in_txt2img(world, tmp_path):
+    """evaluate.py --select-beta stores a beta/tau in the concept file; apply_concepts (like perfusion_txt2img.py)
+    uses it unless beta/tau are given, and not with the other locking mode."""
+    selected = tmp_path / "selected.safetensors"
+    shutil.copyfile(world.concepts[0], selected)
+    update_concept_metadata(selected, {"beta": 0.55, "tau": 0.12, SELECTED_BY_KEY: {"global_locking": False}})
+    state = lambda: world.pipe._perfusion_concepts.state  # noqa: E731
+    apply_concepts(world.pipe, [selected])
+    assert state().beta.tolist() == pytest.approx([0.55]) and state().tau.tolist() == pytest.approx([0.12])
+    apply_concepts(world.pipe, [selected], beta=0.7)
+    assert state().beta.tolist() == pytest.approx([0.7]) and state().tau.tolist() == pytest.approx([0.12])
+    with pytest.warns(UserWarning, match="selected without global locking"):
+        apply_concepts(world.pipe, [selected], global_locking=True)
+    assert state().beta.tolist() == pytest.approx([inference_gating(1)[0]])
+    remove_concepts(world.pipe)
 
 
 def test_refused_arguments_leave_the_applied_concepts_in_place(world):
