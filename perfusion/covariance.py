@@ -55,10 +55,8 @@ def check_positive_definite(matrix: torch.Tensor | np.ndarray, what: str, *, rco
 
 
 def real_token_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Bool (B, L): True from the start token through the first EOS of each row, inclusive.
-
-    Counting EOS occurrences *before* each position handles SD 1.x, whose padding is EOS itself.
-    """
+    """Bool (B, L): True from the start token through the first EOS of each row, inclusive (the whole row where a
+    caption was cut before its EOS). Only the *first* EOS counts: SD 1.x pads with EOS itself."""
     position = torch.arange(tokens.shape[1], device=tokens.device)[None]
     return position <= first_eos_positions(tokens, eos_token_id)[:, None]
 

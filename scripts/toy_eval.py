@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from data.toy_oracle import check, read_image  # noqa: E402
-from ldm.modules.encoders.modules import first_eos_positions  # noqa: E402
 from data.toy_world import BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES  # noqa: E402
+from ldm.modules.encoders.modules import first_eos_positions  # noqa: E402
 
 DEFAULT_CONFIG = "configs/toy/inference.yaml"
 
